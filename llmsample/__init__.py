@@ -1,0 +1,33 @@
+"""llmsample: diverse, correctly weighted posterior samples from Hugging Face causal LMs.
+
+import llmsample
+from llmsample.potentials import Contains
+out = llmsample.smc_generate(model, tokenizer, prompts=["ROMEO:"],
+                             potential=Contains("love"), num_particles=32,
+                             max_new_tokens=40, seed=0)
+out.texts, out.log_weights, out.log_z, out.ess, out.sample(4)
+"""
+
+from llmsample import potentials, proposals, twists
+from llmsample.generate import (
+    ancestral_generate,
+    beam_generate,
+    importance_generate,
+    smc_generate,
+)
+from llmsample.output import SamplingOutput
+from llmsample.particles import Particles
+from llmsample.smc import SMCConfig
+
+__all__ = [
+    "smc_generate",
+    "importance_generate",
+    "ancestral_generate",
+    "beam_generate",
+    "SMCConfig",
+    "SamplingOutput",
+    "Particles",
+    "potentials",
+    "proposals",
+    "twists",
+]

@@ -1,0 +1,243 @@
+"""User entry points: SMC and the baselines, all returning :class:`SamplingOutput`.
+
+They follow ``model.generate`` conventions: text ``prompts`` or
+``input_ids``/``attention_mask`` (left or right padded), ``max_new_tokens``,
+``eos_token_id``, ``pad_token_id``; ``config=`` takes an :class:`SMCConfig` whose
+fields any explicitly passed keyword overrides.
+
+    out = smc_generate(model, tok, prompts=["ROMEO:"], potential=Contains("love"),
+                       num_particles=32, max_new_tokens=40, seed=0)
+    out.texts, out.log_weights, out.log_z, out.ess, out.sample(4)
+
+Methods:
+- :func:`smc_generate`: twisted SMC with adaptive resampling.
+- :func:`importance_generate`: the same without resampling (importance sampling;
+  ``out.best()`` is best-of-N).
+- :func:`ancestral_generate`: plain draws from the LM (tempered/top-k/top-p), unweighted.
+- :func:`beam_generate`: beam search through ``model.generate``, unweighted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from llmsample.lm import encode_prompts, vocab_size
+from llmsample.output import SamplingOutput
+from llmsample.particles import Particles
+from llmsample.potentials import Potential
+from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal, Proposal
+from llmsample.smc import SMCConfig, run_smc
+from llmsample.twists import NoTwist, PotentialTwist, Twist
+
+__all__ = ["smc_generate", "importance_generate", "ancestral_generate", "beam_generate"]
+
+
+def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        gen_cfg = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        return []  # continuations then end only at max_new_tokens
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+def _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos):
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = tokenizer.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return encode_prompts(
+        tokenizer,
+        prompts,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pad_token_id=pad_token_id,
+    )
+
+
+def _resolve_twist(twist, potential: Potential | None) -> Twist:
+    if isinstance(twist, Twist):
+        return twist
+    if twist in (None, "none"):
+        return NoTwist()
+    if twist == "prefix":
+        if potential is None:
+            raise ValueError("twist='prefix' needs a potential to take prefix scores from")
+        if not potential.has_prefix:
+            raise ValueError(
+                f"twist='prefix' but {potential!r} has no prefix scores; use twist='none' or "
+                "a potential with prefix scores (e.g. Regex(..., mode='fullmatch'), TokenMask)"
+            )
+        return PotentialTwist(potential)
+    raise ValueError(f"twist must be 'none', 'prefix' or a Twist instance, got {twist!r}")
+
+
+def _resolve_proposal(proposal) -> Proposal:
+    if proposal is None:
+        return LMProposal()
+    if isinstance(proposal, Proposal):
+        return proposal
+    if proposal == "optimal":
+        return LocallyOptimal()
+    if isinstance(proposal, nn.Module):
+        return ModelProposal(proposal)
+    raise ValueError(
+        "proposal must be None, 'optimal', a Proposal or a causal LM, "
+        f"got {type(proposal).__name__}"
+    )
+
+
+def smc_generate(
+    model,
+    tokenizer=None,
+    prompts: str | list[str] | None = None,
+    *,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    potential: Potential | None = None,
+    twist: str | Twist = "none",
+    proposal: str | Proposal | nn.Module | None = None,
+    num_particles: int | None = None,
+    max_new_tokens: int | None = None,
+    resampling: str | None = None,
+    ess_threshold: float | None = None,
+    seed: int | None = None,
+    progress: bool | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    config: SMCConfig | None = None,
+    _method: str = "smc",
+) -> SamplingOutput:
+    """Sample from sigma(x|c) ∝ p(x|c) phi(x,c) with SMC. See the module docstring.
+
+    ``potential=None`` means phi = 1 (the target is the LM itself). ``twist`` is
+    'none', 'prefix' (the potential's prefix scores) or a :class:`Twist`;
+    ``proposal`` is None (the base LM), 'optimal' (q ∝ p·psi, needs token-level
+    twist scores), a :class:`Proposal`, or another causal LM sharing the tokenizer.
+    """
+    knobs = dict(
+        num_particles=num_particles,
+        max_new_tokens=max_new_tokens,
+        resampling=resampling,
+        ess_threshold=ess_threshold,
+        seed=seed,
+        progress=progress,
+    )
+    cfg = dataclasses.replace(
+        config or SMCConfig(), **{k: v for k, v in knobs.items() if v is not None}
+    )
+    eos = _eos_ids(model, tokenizer, eos_token_id)
+    batch = _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos)
+    return run_smc(
+        model,
+        tokenizer,
+        batch,
+        potential,
+        cfg,
+        proposal=_resolve_proposal(proposal),
+        twist=_resolve_twist(twist, potential),
+        eos_token_ids=eos,
+        method=_method,
+    )
+
+
+def importance_generate(model, tokenizer=None, prompts=None, **kwargs) -> SamplingOutput:
+    """Importance sampling (SMC that never resamples); ``out.best()`` is best-of-N."""
+    kwargs["ess_threshold"] = 0.0
+    return smc_generate(model, tokenizer, prompts, _method="importance", **kwargs)
+
+
+def ancestral_generate(
+    model,
+    tokenizer=None,
+    prompts: str | list[str] | None = None,
+    *,
+    num_samples: int = 16,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    potential: Potential | None = None,
+    **kwargs,
+) -> SamplingOutput:
+    """Plain ancestral sampling; weights are uniform. ``potential`` is only evaluated
+    (``out.log_potential``), never used to weight."""
+    cfg = dataclasses.replace(kwargs.pop("config", None) or SMCConfig(), reweight=False)
+    return smc_generate(
+        model,
+        tokenizer,
+        prompts,
+        potential=potential,
+        num_particles=num_samples,
+        proposal=LMProposal(temperature, top_k, top_p),
+        config=cfg,
+        _method="ancestral",
+        **kwargs,
+    )
+
+
+def beam_generate(
+    model,
+    tokenizer=None,
+    prompts: str | list[str] | None = None,
+    *,
+    num_beams: int = 4,
+    max_new_tokens: int = 32,
+    potential: Potential | None = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+) -> SamplingOutput:
+    """Beam search via ``model.generate``: the N beams, uniformly weighted."""
+    SMCConfig(num_particles=num_beams, max_new_tokens=max_new_tokens)  # validates
+    eos = _eos_ids(model, tokenizer, eos_token_id)
+    batch = _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos)
+    device = next(model.parameters()).device
+    B, P = batch.input_ids.shape
+    with torch.inference_mode():
+        seq = model.generate(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos or None,
+            pad_token_id=batch.pad_token_id,
+        )
+    cont = seq[:, P:]  # [B*N, T']
+    eos_t = torch.as_tensor(eos, dtype=torch.long, device=cont.device)
+    is_eos = torch.isin(cont, eos_t).long()
+    first = torch.where(is_eos.any(1), is_eos.argmax(1) + 1, cont.shape[1])
+    x = Particles(
+        cont,
+        first,
+        torch.arange(B, device=cont.device).repeat_interleave(num_beams),
+        batch.to(cont.device),
+        tokenizer,
+        eos_t,
+        max_new_tokens,
+        vocab_size(model),
+    )
+    texts = x.texts() if tokenizer is not None else [""] * x.num_rows
+    log_phi = None if potential is None else potential.complete(x).view(B, num_beams).cpu()
+    n = num_beams
+    return SamplingOutput(
+        method="beam",
+        sequences=seq.view(B, n, -1).cpu(),
+        prompt_length=P,
+        texts=[texts[b * n : (b + 1) * n] for b in range(B)],
+        log_weights=torch.full((B, n), -math.log(n), dtype=torch.float64),
+        log_weights_unnormalized=torch.zeros(B, n, dtype=torch.float64),
+        log_z=None,
+        ess=torch.full((B, cont.shape[1]), float(n), dtype=torch.float64),
+        resampled=torch.zeros(B, cont.shape[1], dtype=torch.bool),
+        log_potential=log_phi,
+        num_forward_tokens=B * n * (P + cont.shape[1] - 1),
+    )

@@ -1,0 +1,238 @@
+"""Hugging Face adapter: prompts, batched prefill, cached steps, reorder, teacher forcing.
+
+This is the only module that touches transformers internals. Rows of a session are
+(prompt, particle) pairs laid out prompt-major: row ``b * N + i`` is particle ``i``
+of prompt ``b``. Prompts are left padded and position ids come from the attention
+mask, exactly as ``model.generate`` does, so a batch of prompts of different lengths
+runs in one forward pass per step.
+
+    prompts = encode_prompts(tokenizer, ["ROMEO:", "JULIET: Ay"])
+    session = LMSession(model, prompts, num_particles=8)   # prefill once, expand to 8
+    logp = session.logp                                     # [16, V] next-token log-probs
+    logp = session.step(tokens)                             # append one token per row
+    session.reorder(ancestors)                              # resampling: permute rows
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PromptBatch",
+    "LMSession",
+    "encode_prompts",
+    "score_continuations",
+    "context_length",
+    "vocab_size",
+]
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts. ``input_ids``/``attention_mask`` are [B, P]."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    pad_token_id: int
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        return PromptBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.pad_token_id
+        )
+
+
+def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[b, width - len(r) :] = 1
+    return ids, mask
+
+
+def encode_prompts(
+    tokenizer=None,
+    prompts: str | list[str] | None = None,
+    *,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    pad_token_id: int | None = None,
+) -> PromptBatch:
+    """Turn text prompts or ``input_ids``/``attention_mask`` into a left-padded batch.
+
+    Text is tokenized like ``tokenizer(prompt)`` (special tokens included, as for
+    ``generate``). Tensors may be left or right padded: each row's unmasked tokens are
+    kept, in order, and re-padded on the left. A tokenizer without a pad token is fine:
+    the pad id falls back to the EOS id (the pad id never reaches the model unmasked).
+    """
+    if (prompts is None) == (input_ids is None):
+        raise ValueError("pass exactly one of `prompts=` (text) or `input_ids=` (token ids)")
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = tokenizer.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = tokenizer.eos_token_id
+    if pad_token_id is None:
+        pad_token_id = 0
+    if prompts is not None:
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass `tokenizer=` or `input_ids=`")
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts:
+            raise ValueError("`prompts` is an empty list; pass at least one prompt")
+        rows = [list(tokenizer(t)["input_ids"]) for t in texts]
+    else:
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2:
+            raise ValueError(
+                f"`input_ids` must be [batch, length], got shape {tuple(input_ids.shape)}"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` shape {tuple(attention_mask.shape)} does not match "
+                f"`input_ids` shape {tuple(input_ids.shape)}"
+            )
+        keep = attention_mask.bool().cpu()
+        rows = [r[k].tolist() for r, k in zip(input_ids.cpu(), keep)]
+    for b, r in enumerate(rows):
+        if not r:
+            raise ValueError(
+                f"prompt {b} is empty (no tokens). Give it at least one token, e.g. the "
+                "tokenizer's BOS token or a newline."
+            )
+    ids, mask = _left_pad(rows, pad_token_id)
+    return PromptBatch(ids, mask, int(pad_token_id))
+
+
+def context_length(model) -> int | None:
+    """Maximum number of positions the model accepts, or None when unbounded/unknown."""
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def vocab_size(model) -> int:
+    """Size of the model's output distribution (the logits' last dimension)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _positions(mask: Tensor) -> Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class LMSession:
+    """Incremental decoding state of one causal LM over B prompts x N particles.
+
+    ``logp`` always holds the fp32 next-token log-probabilities of every row
+    ([B*N, V]). ``forward_tokens`` counts the token positions pushed through the model
+    (padding included: that is what the compute pays for).
+    """
+
+    def __init__(self, model, prompts: PromptBatch, num_particles: int):
+        self.model = model
+        self.device = _device_of(model)
+        prompts = prompts.to(self.device)
+        B, P = prompts.input_ids.shape
+        with torch.inference_mode():
+            out = model(
+                input_ids=prompts.input_ids,
+                attention_mask=prompts.attention_mask,
+                position_ids=_positions(prompts.attention_mask),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.cache = out.past_key_values
+        if self.cache is None or not hasattr(self.cache, "reorder_cache"):
+            raise TypeError(
+                f"{type(model).__name__} returned no reorderable KV cache "
+                "(transformers `Cache`); SMC needs one to resample particles"
+            )
+        self.forward_tokens = B * P
+        self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+        self.attention_mask = prompts.attention_mask
+        self.positions = _positions(prompts.attention_mask)[:, -1]  # [B]
+        self.reorder(
+            torch.arange(B, device=self.device).repeat_interleave(num_particles)
+        )  # expand the prompt cache once: [B] -> [B*N]
+
+    def reorder(self, index: Tensor) -> None:
+        """Make row r a copy of old row ``index[r]`` (resampling, or expansion)."""
+        index = index.to(self.device)
+        self.cache.reorder_cache(index)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.logp = self.logp.index_select(0, index)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Append one token per row ([R]) and return the new next-token log-probs."""
+        tokens = tokens.to(self.device)
+        R = tokens.shape[0]
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones((R, 1))], dim=1
+        )
+        self.positions = self.positions + 1
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=self.attention_mask,
+                position_ids=self.positions[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.cache = out.past_key_values
+        self.forward_tokens += R
+        self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        return self.logp
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - parameterless model
+        return torch.device("cpu")
+
+
+def score_continuations(
+    model,
+    context_ids: Tensor,
+    context_mask: Tensor,
+    continuation_ids: Tensor,
+    continuation_mask: Tensor,
+    *,
+    grad: bool = False,
+) -> Tensor:
+    """Teacher-forced log p(continuation token | context, earlier tokens).
+
+    ``context_*`` are left-padded [R, P] with at least one real token per row;
+    ``continuation_*`` are right-padded [R, T]. Returns fp32 [R, T] log-probs, with 0
+    at masked continuation positions. One forward pass, no KV cache.
+    """
+    device = _device_of(model)
+    ids = torch.cat([context_ids, continuation_ids], dim=1).to(device)  # [R, P+T]
+    mask = torch.cat([context_mask, continuation_mask], dim=1).to(device)
+    P, T = context_ids.shape[1], continuation_ids.shape[1]
+    ctx = torch.enable_grad() if grad else torch.inference_mode()
+    with ctx:
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
+        ).logits[:, P - 1 : P + T - 1]  # [R, T, V]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tok = logp.gather(-1, continuation_ids.to(device)[..., None])[..., 0]  # [R, T]
+        return torch.where(continuation_mask.to(device).bool(), tok, torch.zeros_like(tok))

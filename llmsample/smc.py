@@ -1,0 +1,234 @@
+"""The SMC engine: propose -> reweight -> resample, over token prefixes.
+
+For B prompts with N particles each (rows prompt-major), for t = 1..T:
+
+1. **Propose.** Each unfinished row draws x_t ~ q(. | c, x_<t) from the proposal's
+   full next-token distribution; exact log q of the drawn token is kept.
+2. **Reweight.** log w += log p(x_t) - log q(x_t) + log psi_t(x_<=t) - log psi_{t-1}.
+   A row that completes (x_t is EOS, or t = T) uses log phi instead of log psi_t,
+   and from then on its tokens and weight are frozen.
+3. **Resample.** Per prompt, when ESS/N < ``ess_threshold`` (and some row is still
+   running and some weight is positive): log Z_b += logsumexp(log w_b) - log N,
+   draw ancestors with the chosen scheme, copy rows (KV cache included), reset
+   log w_b = 0.
+4. **Step the model** on the new tokens (one batched forward of B*N rows). Stop
+   as soon as every row has completed.
+
+At the end log Z_b += logsumexp(log w_b) - log N. Output: particles with weights
+normalized per prompt. They are *properly weighted* for
+
+    sigma(x | c) = p(x | c) phi(x, c) / Z(c)
+
+on continuations x of length <= T that end in EOS or are cut at T (a cut
+continuation counts as complete, with probability p of its T tokens): for any f,
+sum_i w_i f(x_i) is consistent for E_sigma[f], and exp(log Z) is unbiased for Z(c).
+A prompt whose particles are all rejected gets ``log_z = -inf`` and a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from llmsample.lm import LMSession, PromptBatch, context_length, vocab_size
+from llmsample.output import SamplingOutput
+from llmsample.particles import Particles
+from llmsample.potentials import Potential
+from llmsample.proposals import LMProposal, Proposal
+from llmsample.resampling import SCHEMES, ess, log_normalize, resample
+from llmsample.twists import NoTwist, Twist
+
+__all__ = ["SMCConfig", "run_smc"]
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class SMCConfig:
+    """Knobs of the SMC engine (validated on construction)."""
+
+    num_particles: int = _help("particles N per prompt", 16)
+    max_new_tokens: int = _help("T: a continuation ends at EOS or after T tokens", 32)
+    resampling: str = _help("multinomial | stratified | systematic | residual", "systematic")
+    ess_threshold: float = _help(
+        "resample a prompt's particles when ESS/N < this; 0 never resamples "
+        "(importance sampling), values > 1 resample at every step",
+        0.5,
+    )
+    seed: int | None = _help("seed for proposals and resampling; None uses torch's RNG", None)
+    reweight: bool = _help(
+        "False returns plain draws from the proposal (uniform weights, no log Z)", True
+    )
+    progress: bool = _help("show a progress bar over decoding steps", False)
+
+    def __post_init__(self):
+        if not isinstance(self.num_particles, int) or self.num_particles < 1:
+            raise ValueError(f"num_particles must be an integer >= 1, got {self.num_particles!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.resampling not in SCHEMES:
+            raise ValueError(
+                f"unknown resampling scheme {self.resampling!r}; choose from {sorted(SCHEMES)}"
+            )
+        if not self.ess_threshold >= 0:
+            raise ValueError(f"ess_threshold must be >= 0, got {self.ess_threshold}")
+
+
+def _check_scores(values: torch.Tensor, what: str, n: int) -> torch.Tensor:
+    if values.shape != (n,):
+        raise ValueError(f"{what} returned shape {tuple(values.shape)}, expected ({n},)")
+    if torch.isnan(values).any() or (values == float("inf")).any():
+        raise ValueError(f"{what} returned NaN or +inf; log scores must be finite or -inf")
+    return values
+
+
+def run_smc(
+    model,
+    tokenizer,
+    prompts: PromptBatch,
+    potential: Potential | None,
+    cfg: SMCConfig,
+    *,
+    proposal: Proposal | None = None,
+    twist: Twist | None = None,
+    eos_token_ids: list[int] | None = None,
+    method: str = "smc",
+) -> SamplingOutput:
+    """Run SMC for every prompt of ``prompts``; see the module docstring."""
+    proposal = proposal or LMProposal()
+    twist = twist or NoTwist()
+    B, P = prompts.input_ids.shape
+    N, T = cfg.num_particles, cfg.max_new_tokens
+    limit = context_length(model)
+    if limit is not None and P + T > limit:
+        raise ValueError(
+            f"prompt length {P} + max_new_tokens {T} = {P + T} exceeds the model's context "
+            f"of {limit} positions; shorten the prompt or lower max_new_tokens"
+        )
+    V = vocab_size(model)
+    session = LMSession(model, prompts, N)
+    device = session.device
+    prompts = prompts.to(device)
+    gen = None
+    if cfg.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    eos = torch.as_tensor(eos_token_ids or [], dtype=torch.long, device=device)
+    proposal.start(prompts, N, V)
+    twist.start(prompts, N)
+    potential_tokens_before = getattr(potential, "forward_tokens", 0)
+
+    R = B * N
+    f64 = dict(dtype=torch.float64, device=device)
+    log_w = torch.zeros(B, N, **f64)
+    log_z = torch.zeros(B, **f64)
+    log_psi = torch.zeros(R, **f64)  # current twist value of each row (psi_0 = 1)
+    log_phi = torch.zeros(R, **f64)  # log phi of each completed row
+    finished = torch.zeros(R, dtype=torch.bool, device=device)
+    lengths = torch.zeros(R, dtype=torch.long, device=device)
+    tokens = torch.empty(R, 0, dtype=torch.long, device=device)
+    prompt_index = torch.arange(B, device=device).repeat_interleave(N)
+    offsets = (torch.arange(B, device=device) * N)[:, None]  # [B, 1]
+    ess_trace, resampled_trace = [], []
+
+    def view(rows_tokens, rows_lengths) -> Particles:
+        return Particles(rows_tokens, rows_lengths, prompt_index, prompts, tokenizer, eos, T, V)
+
+    for t in tqdm(range(T), desc=method, disable=not cfg.progress, leave=False):
+        x = view(tokens, lengths)
+        scores = twist.next_token(x) if proposal.uses_twist_scores else None  # [R, V]
+        logp = session.logp  # [R, V]
+        logq = proposal.log_probs(logp, x, scores)  # [R, V]
+        new = torch.multinomial(logq.exp().float(), 1, generator=gen)[:, 0]  # [R]
+        active = ~finished
+        new = torch.where(active, new, prompts.pad_token_id)
+        done_now = active & (torch.isin(new, eos) | (t == T - 1))
+        tokens = torch.cat([tokens, new[:, None]], dim=1)  # [R, t+1]
+        lengths = lengths + active.long()
+        x = view(tokens, lengths)
+
+        if scores is not None:
+            new_psi = scores.gather(1, new[:, None])[:, 0].double()
+        else:
+            new_psi = torch.zeros(R, **f64)
+            running = active & ~done_now
+            if twist.informative and running.any():
+                vals = twist.prefix(x.select(running)).to(**f64)
+                new_psi[running] = _check_scores(vals, "twist.prefix", int(running.sum()))
+            if potential is not None and done_now.any():
+                vals = potential.complete(x.select(done_now)).to(**f64)
+                new_psi[done_now] = _check_scores(vals, "potential.complete", int(done_now.sum()))
+        log_phi = torch.where(done_now, new_psi, log_phi)
+
+        if cfg.reweight:
+            lp = logp.gather(1, new[:, None])[:, 0].double()
+            lq = logq.gather(1, new[:, None])[:, 0].double()
+            inc = lp - lq + new_psi - log_psi  # [R]
+            alive = torch.isfinite(log_w.view(R))  # dead rows stay -inf, never NaN
+            inc = torch.where(active & alive, inc, torch.zeros_like(inc))
+            log_w = log_w + inc.view(B, N)
+        log_psi = torch.where(active, new_psi, log_psi)
+        finished = finished | done_now
+
+        ess_b = ess(log_w)  # [B]
+        ess_trace.append(ess_b)
+        running_b = ~finished.view(B, N).all(dim=1)
+        can = torch.isfinite(log_w.logsumexp(dim=1)) & running_b
+        need = can & (ess_b < cfg.ess_threshold * N) & (t < T - 1)
+        resampled_trace.append(need)
+        any_need, all_done = torch.stack([need.any(), finished.all()]).tolist()
+        if any_need:
+            log_z = log_z + torch.where(need, log_w.logsumexp(dim=1) - math.log(N), 0.0)
+            anc = resample(log_w, cfg.resampling, gen)  # [B, N]
+            local = torch.where(need[:, None], anc, torch.arange(N, device=device))
+            index = (local + offsets).view(R)
+            log_w = torch.where(need[:, None], 0.0, log_w)
+            tokens, lengths = tokens[index], lengths[index]
+            finished, log_psi, log_phi = finished[index], log_psi[index], log_phi[index]
+            session.reorder(index)
+            proposal.reorder(index)
+            twist.reorder(index)
+        if all_done:
+            break
+        session.step(tokens[:, -1])
+        proposal.advance(tokens[:, -1])
+        twist.advance(tokens[:, -1])
+
+    log_z = log_z + log_w.logsumexp(dim=1) - math.log(N)
+    dead = torch.isinf(log_z)
+    if cfg.reweight and dead.any():
+        bad = dead.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:10])) + (
+            f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        )
+        warnings.warn(
+            f"the potential rejected every particle of prompt(s) {shown}: log_z = -inf. "
+            "More particles, a twist, or a softer potential may help.",
+            stacklevel=3,
+        )
+    forward = session.forward_tokens + getattr(proposal, "forward_tokens", 0)
+    forward += getattr(potential, "forward_tokens", 0) - potential_tokens_before
+    seq = torch.cat([prompts.input_ids.repeat_interleave(N, dim=0), tokens], dim=1)
+    final = Particles(tokens, lengths, prompt_index, prompts, tokenizer, eos, T, V)
+    texts = final.texts() if tokenizer is not None else [""] * R  # no tokenizer: ids only
+    uniform = torch.full((B, N), -math.log(N), dtype=torch.float64)
+    return SamplingOutput(
+        method=method,
+        sequences=seq.view(B, N, -1).cpu(),
+        prompt_length=P,
+        texts=[texts[b * N : (b + 1) * N] for b in range(B)],
+        log_weights=log_normalize(log_w).cpu() if cfg.reweight else uniform,
+        log_weights_unnormalized=log_w.cpu()
+        if cfg.reweight
+        else torch.zeros(B, N, dtype=torch.float64),
+        log_z=log_z.cpu() if cfg.reweight else None,
+        ess=torch.stack(ess_trace, dim=1).cpu(),
+        resampled=torch.stack(resampled_trace, dim=1).cpu(),
+        log_potential=log_phi.view(B, N).cpu() if potential is not None else None,
+        num_forward_tokens=int(forward),
+    )

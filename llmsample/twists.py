@@ -1,0 +1,78 @@
+"""Twists psi_t: intermediate potentials that tell SMC which prefixes look promising.
+
+With twist psi_t the incremental weight of a particle extended by x_t is
+
+    log G_t = log p(x_t|.) - log q(x_t|.) + log psi_t(x_<=t) - log psi_{t-1}(x_<t)
+
+with psi_0 = 1, and at a complete sequence psi is replaced by the potential phi, so
+the final weights are exact for sigma whatever the twist (as long as psi > 0 where
+sigma has mass). A good twist only lowers variance.
+
+Sources here: :class:`NoTwist` (psi = 1, plain SMC), :class:`PotentialTwist` (a
+potential's own prefix scores). A learned twist subclasses :class:`Twist`: it may keep
+per-row state (e.g. its own KV cache) through ``start``/``advance``/``reorder``,
+which the engine calls exactly as for the base model's cache.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from llmsample.lm import PromptBatch
+from llmsample.particles import Particles
+from llmsample.potentials import Potential
+
+__all__ = ["Twist", "NoTwist", "PotentialTwist"]
+
+
+class Twist(ABC):
+    """Interface. ``prefix`` returns log psi_t for incomplete rows, [R] float64.
+
+    ``next_token`` optionally returns log psi of every one-token extension, [R, V],
+    using the potential's complete score where the extension completes the sequence;
+    it enables the locally optimal proposal and then also supplies the weights.
+    """
+
+    informative: bool = True
+
+    def start(self, prompts: PromptBatch, num_particles: int) -> None:
+        """Called once before the first step (stateful twists set up here)."""
+
+    def advance(self, tokens: Tensor) -> None:
+        """Called after every row appended ``tokens`` ([R])."""
+
+    def reorder(self, index: Tensor) -> None:
+        """Called when rows are resampled: row r becomes old row ``index[r]``."""
+
+    @abstractmethod
+    def prefix(self, x: Particles) -> Tensor:
+        """log psi_t of the rows' current (incomplete) prefixes."""
+
+    def next_token(self, x: Particles) -> Tensor | None:
+        return None
+
+
+class NoTwist(Twist):
+    """psi = 1: SMC reweights only when a particle completes."""
+
+    informative = False
+
+    def prefix(self, x: Particles) -> Tensor:
+        return torch.zeros(x.num_rows, dtype=torch.float64, device=x.device)
+
+
+class PotentialTwist(Twist):
+    """psi_t from the potential's own prefix scores (and token scores when it has them)."""
+
+    def __init__(self, potential: Potential):
+        self.potential = potential
+        self.informative = potential.has_prefix
+
+    def prefix(self, x: Particles) -> Tensor:
+        return self.potential.prefix(x)
+
+    def next_token(self, x: Particles) -> Tensor | None:
+        return self.potential.token_scores(x)
