@@ -91,9 +91,12 @@ class Particles:
 
     @cached_property
     def _texts(self) -> list[str]:
+        return self._decode(self.token_lists(), skip_special_tokens=False)
+
+    def _decode(self, rows: list[list[int]], **kwargs) -> list[str]:
         if self.tokenizer is None:
             raise ValueError("decoding text needs a tokenizer; pass `tokenizer=`")
-        return self.tokenizer.batch_decode(self.token_lists(), skip_special_tokens=False)
+        return self.tokenizer.batch_decode(rows, **kwargs) if rows else []
 
     def prompt_token_lists(self) -> list[list[int]]:
         """Real (unpadded) prompt tokens of each row."""
@@ -104,4 +107,9 @@ class Particles:
 
     def prompt_texts(self) -> list[str]:
         """Decoded prompt of each row."""
-        return self.tokenizer.batch_decode(self.prompt_token_lists(), skip_special_tokens=True)
+        return self._decode(self.prompt_token_lists(), skip_special_tokens=True)
+
+    def full_texts(self) -> list[str]:
+        """Prompt and continuation decoded together (keeps the tokenizer's spacing)."""
+        rows = [p + c for p, c in zip(self.prompt_token_lists(), self.token_lists())]
+        return self._decode(rows, skip_special_tokens=True)

@@ -130,6 +130,9 @@ class Regex(Constraint):
         if mode == "fullmatch":
 
             def partial(text: str) -> bool:
+                # a prefix cut inside a multi-byte character decodes to U+FFFD: drop it,
+                # the character is not known yet (permissive is safe for a twist)
+                text = text.rstrip("\ufffd")
                 return self.pattern.fullmatch(text, partial=True) is not None
 
         super().__init__(lambda t: match(t) is not None, partial, name=f"{mode} {pattern!r}")
@@ -248,13 +251,16 @@ class Classifier(Potential):
             if label not in table:
                 raise ValueError(f"label {label!r} not in the classifier's labels {list(table)}")
             label = table[label]
+        if tokenizer.pad_token is None:
+            raise ValueError(
+                "the classifier's tokenizer has no pad token, needed to batch texts; set "
+                "tokenizer.pad_token = tokenizer.eos_token and model.config.pad_token_id"
+            )
         self.model, self.tokenizer, self.label = model, tokenizer, int(label)
         self.include_prompt, self.has_prefix, self.max_length = include_prompt, as_twist, max_length
 
     def complete(self, x: Particles) -> Tensor:
-        texts = x.texts()
-        if self.include_prompt:
-            texts = [p + t for p, t in zip(x.prompt_texts(), texts)]
+        texts = x.full_texts() if self.include_prompt else x.texts()
         if not texts:
             return torch.zeros(0, dtype=torch.float64, device=x.device)
         device = next(self.model.parameters()).device
