@@ -21,8 +21,14 @@ def test_bf16_smc_matches_exact_posterior_evidence(arch, device):
     model16 = make_model(arch).to(device=device, dtype=torch.bfloat16)
     runs, prompts = 200, ["a b", "c d e f"]
     out = llmsample.smc_generate(
-        model16, tok, [p for p in prompts for _ in range(runs)], potential=Contains("c"),
-        num_particles=8, max_new_tokens=3, ess_threshold=1.5, seed=0,
+        model16,
+        tok,
+        [p for p in prompts for _ in range(runs)],
+        potential=Contains("c"),
+        num_particles=8,
+        max_new_tokens=3,
+        ess_threshold=1.5,
+        seed=0,
     )
     assert out.log_weights.dtype == torch.float64
     assert not torch.isnan(out.log_z).any()

@@ -344,6 +344,7 @@ def test_constraint_log_potential_matches_texts(gpt2, tok):
 @pytest.mark.parametrize("arch,targets", [("gpt2", ["c_attn"]), ("llama", ["q_proj", "v_proj"])])
 def test_peft_lora_model(arch, targets, tok):
     import peft  # a core dependency: a missing peft must fail, not skip
+
     base = make_model(arch)
     cfg = peft.LoraConfig(r=4, target_modules=targets, fan_in_fan_out=arch == "gpt2")
     wrapped = peft.get_peft_model(make_model(arch), cfg)  # fresh adapter: B = 0
