@@ -167,23 +167,31 @@ class TokenMask(Potential):
         self.allowed = None if allowed is None else torch.as_tensor(list(allowed), dtype=torch.long)
         self.banned = None if banned is None else torch.as_tensor(list(banned), dtype=torch.long)
 
-    def _ok(self, tokens: Tensor, eos: Tensor) -> Tensor:
-        if self.allowed is not None:
-            ok = torch.isin(tokens, self.allowed.to(tokens.device))
-        else:
-            ok = ~torch.isin(tokens, self.banned.to(tokens.device))
-        return ok | torch.isin(tokens, eos)
+    def _table(self, vocab: int, device) -> Tensor:
+        """[V] bool lookup of allowed ids, built once per (vocab, device)."""
+        key = (vocab, str(device))
+        if getattr(self, "_key", None) != key:
+            ids = self.allowed if self.allowed is not None else self.banned
+            table = torch.zeros(max(vocab, int(ids.max()) + 1), dtype=torch.bool)
+            table[ids] = True
+            self._cache = (table if self.allowed is not None else ~table).to(device)
+            self._key = key
+        return self._cache
+
+    def _ok(self, tokens: Tensor, x: Particles) -> Tensor:
+        ok = self._table(x.vocab_size, x.device)[tokens]
+        return ok | (tokens[..., None] == x.eos_token_ids).any(-1)
 
     def complete(self, x: Particles) -> Tensor:
         pos = torch.arange(x.step, device=x.device)[None, :]
-        ok = self._ok(x.tokens, x.eos_token_ids) | (pos >= x.lengths[:, None])
+        ok = self._ok(x.tokens, x) | (pos >= x.lengths[:, None])
         return torch.where(ok.all(dim=1), 0.0, NEG_INF).to(torch.float64)
 
     prefix = complete
 
     def token_scores(self, x: Particles) -> Tensor | None:
         now = self.complete(x)  # [R]
-        ok = self._ok(torch.arange(x.vocab_size, device=x.device), x.eos_token_ids)  # [V]
+        ok = self._ok(torch.arange(x.vocab_size, device=x.device), x)  # [V]
         return now[:, None] + torch.where(ok, 0.0, NEG_INF).to(torch.float64)[None, :]
 
 

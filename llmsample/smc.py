@@ -80,12 +80,21 @@ class SMCConfig:
             raise ValueError(f"ess_threshold must be >= 0, got {self.ess_threshold}")
 
 
-def _check_scores(values: torch.Tensor, what: str, n: int) -> torch.Tensor:
-    if values.shape != (n,):
-        raise ValueError(f"{what} returned shape {tuple(values.shape)}, expected ({n},)")
-    if torch.isnan(values).any() or (values == float("inf")).any():
-        raise ValueError(f"{what} returned NaN or +inf; log scores must be finite or -inf")
+def _score(fn, x: Particles, rows: torch.Tensor, all_rows: bool, what: str) -> torch.Tensor:
+    """fn on the selected rows (no copy when all rows are selected), shape-checked.
+    NaN/+inf are checked by the caller at the step's single host sync."""
+    x = x if all_rows else x.select(rows)
+    values = fn(x).to(dtype=torch.float64, device=rows.device)
+    if values.shape != (x.num_rows,):
+        raise ValueError(f"{what} returned shape {tuple(values.shape)}, expected ({x.num_rows},)")
     return values
+
+
+def _put(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, all_rows: bool):
+    if all_rows:
+        return values
+    out[rows] = values
+    return out
 
 
 def run_smc(
@@ -139,6 +148,10 @@ def run_smc(
     def view(rows_tokens, rows_lengths) -> Particles:
         return Particles(rows_tokens, rows_lengths, prompt_index, prompts, tokenizer, eos, T, V)
 
+    buf = torch.full((R, T), prompts.pad_token_id, dtype=torch.long, device=device)
+    tokens = buf[:, :0]
+    invalid = torch.zeros(2, dtype=torch.bool, device=device)  # NaN/+inf from twist, potential
+
     for t in tqdm(range(T), desc=method, disable=not cfg.progress, leave=False):
         x = view(tokens, lengths)
         scores = twist.next_token(x) if proposal.uses_twist_scores else None  # [R, V]
@@ -148,7 +161,8 @@ def run_smc(
         active = ~finished
         new = torch.where(active, new, prompts.pad_token_id)
         done_now = active & (torch.isin(new, eos) | (t == T - 1))
-        tokens = torch.cat([tokens, new[:, None]], dim=1)  # [R, t+1]
+        buf[:, t] = new
+        tokens = buf[:, : t + 1]  # [R, t+1], a view: no copy per step
         lengths = lengths + active.long()
         x = view(tokens, lengths)
 
@@ -157,12 +171,17 @@ def run_smc(
         else:
             new_psi = torch.zeros(R, **f64)
             running = active & ~done_now
-            if twist.informative and running.any():
-                vals = twist.prefix(x.select(running)).to(**f64)
-                new_psi[running] = _check_scores(vals, "twist.prefix", int(running.sum()))
-            if potential is not None and done_now.any():
-                vals = potential.complete(x.select(done_now)).to(**f64)
-                new_psi[done_now] = _check_scores(vals, "potential.complete", int(done_now.sum()))
+            if twist.informative or potential is not None:
+                flags = torch.stack([running.all(), running.any(), done_now.any()]).tolist()
+                all_running, any_running, any_done = flags
+                if twist.informative and any_running:
+                    vals = _score(twist.prefix, x, running, all_running, "twist.prefix")
+                    invalid[0] |= ~(vals < math.inf).all()
+                    new_psi = _put(new_psi, running, vals, all_running)
+                if potential is not None and any_done:
+                    vals = _score(potential.complete, x, done_now, False, "potential.complete")
+                    invalid[1] |= ~(vals < math.inf).all()
+                    new_psi = _put(new_psi, done_now, vals, False)
         log_phi = torch.where(done_now, new_psi, log_phi)
 
         if cfg.reweight:
@@ -181,14 +200,20 @@ def run_smc(
         can = torch.isfinite(log_w.logsumexp(dim=1)) & running_b
         need = can & (ess_b < cfg.ess_threshold * N) & (t < T - 1)
         resampled_trace.append(need)
-        any_need, all_done = torch.stack([need.any(), finished.all()]).tolist()
+        any_need, all_done, bad_twist, bad_potential = torch.cat(
+            [torch.stack([need.any(), finished.all()]), invalid]
+        ).tolist()
+        if bad_twist or bad_potential:
+            what = "twist.prefix" if bad_twist else "potential.complete"
+            raise ValueError(f"{what} returned NaN or +inf; log scores must be finite or -inf")
         if any_need:
             log_z = log_z + torch.where(need, log_w.logsumexp(dim=1) - math.log(N), 0.0)
             anc = resample(log_w, cfg.resampling, gen)  # [B, N]
             local = torch.where(need[:, None], anc, torch.arange(N, device=device))
             index = (local + offsets).view(R)
             log_w = torch.where(need[:, None], 0.0, log_w)
-            tokens, lengths = tokens[index], lengths[index]
+            buf, lengths = buf[index], lengths[index]
+            tokens = buf[:, : t + 1]
             finished, log_psi, log_phi = finished[index], log_psi[index], log_phi[index]
             session.reorder(index)
             proposal.reorder(index)

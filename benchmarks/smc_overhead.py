@@ -1,0 +1,275 @@
+"""Overhead of `llmsample.smc_generate` over plain sampling with `model.generate`.
+
+Same model, same prompts, same N rows per prompt, exactly T new tokens on both sides
+(the model has no EOS token). SMC runs a cheap token-level potential (a banned-token
+mask used as the twist) so weights change every step and resampling really happens.
+The goal is smc/generate <= 1.10: SMC needs no extra forward passes.
+
+    python benchmarks/smc_overhead.py                                  # CPU defaults
+    python benchmarks/smc_overhead.py --device cuda --dtype bfloat16 \
+        --particles 16 64 256 --layers 12 --hidden 768 --vocab 32000    # a GPU run
+
+Writes the JSON to --out and replaces this benchmark's section for the device in
+--markdown (between <!-- smc_overhead:DEVICE --> markers), leaving other sections.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
+
+import llmsample  # noqa: E402
+from llmsample.potentials import TokenMask  # noqa: E402
+
+GOAL = 1.10
+INTRO = (
+    "# Benchmark results\n\n"
+    "Every table here is produced by the command named above it; rerunning that command\n"
+    "replaces its own section (between `<!-- name:device -->` markers) and nothing else.\n"
+)
+
+
+def build_model(args):
+    common = dict(vocab_size=args.vocab, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if args.arch == "gpt2":
+        cfg = GPT2Config(
+            n_layer=args.layers,
+            n_embd=args.hidden,
+            n_head=args.hidden // 64,
+            n_positions=256,
+            **common,
+        )
+    else:
+        cfg = LlamaConfig(
+            hidden_size=args.hidden,
+            intermediate_size=int(2.75 * args.hidden),
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=max(1, args.hidden // 128),
+            max_position_embeddings=256,
+            **common,
+        )
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype))
+
+
+def timed(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def machine_info(args):
+    return dict(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        device=args.device,
+        dtype=args.dtype,
+        device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        loadavg_start=list(os.getloadavg()),
+    )
+
+
+def bench(model, args, n, ids, mask, potential):
+    B, P = ids.shape
+    T = args.new_tokens
+
+    def gen():
+        with torch.inference_mode():
+            return model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                num_return_sequences=n,
+                max_new_tokens=T,
+                min_new_tokens=T,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+
+    def smc(seed):
+        return llmsample.smc_generate(
+            model,
+            None,
+            input_ids=ids,
+            attention_mask=mask,
+            potential=potential,
+            twist="prefix",
+            num_particles=n,
+            max_new_tokens=T,
+            eos_token_id=[],
+            pad_token_id=0,
+            ess_threshold=args.ess_threshold,
+            seed=seed,
+        )
+
+    timed(gen, args.device), timed(lambda: smc(0), args.device)  # warm-up
+    t_gen, t_smc, resampled = [], [], []
+    for r in range(args.repeats):  # interleaved; who goes first alternates
+        for which in ("gen", "smc") if r % 2 == 0 else ("smc", "gen"):
+            torch.manual_seed(args.seed + r)
+            if which == "gen":
+                dt, seq = timed(gen, args.device)
+                assert seq.shape == (B * n, P + T), seq.shape
+                t_gen.append(dt)
+            else:
+                dt, out = timed(lambda s=args.seed + r: smc(s), args.device)
+                assert out.sequences.shape == (B, n, P + T), out.sequences.shape
+                t_smc.append(dt)
+                resampled.append(int(out.resampled.sum()))
+    g, s = statistics.median(t_gen), statistics.median(t_smc)
+    return dict(
+        particles=n,
+        gen_s=g,
+        smc_s=s,
+        ratio=s / g,
+        pair_ratio=statistics.median(b / a for a, b in zip(t_gen, t_smc)),
+        min_ratio=min(t_smc) / min(t_gen),
+        gen_tok_s=B * n * T / g,
+        smc_tok_s=B * n * T / s,
+        gen_forward_tokens=B * n * (P + T - 1),
+        smc_forward_tokens=out.num_forward_tokens,
+        resampling_steps=statistics.median(resampled),
+        steps=T,
+        goal_met=s / g <= GOAL,
+        gen_times=t_gen,
+        smc_times=t_smc,
+        resampling_per_run=resampled,
+    )
+
+
+def markdown(res, info, args, command):
+    key = f"smc_overhead:{args.device}:prompt{args.prompt_len}"
+    lines = [
+        f"<!-- {key} -->",
+        f"### smc_overhead ({args.device}, prompt length {args.prompt_len})",
+        "",
+        f"`{command}`",
+        "",
+        f"{args.arch} {args.layers}x{args.hidden}, vocab {args.vocab}, random init, "
+        f"{args.dtype}; {args.batch} prompt(s) of {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens, medians of {args.repeats} interleaved runs. "
+        f"SMC: TokenMask banning {args.banned_frac:.0%} of the vocab as twist, "
+        f"ess_threshold {args.ess_threshold}. Machine: {info['device_name']}, "
+        f"{info['cpu_count']} CPUs ({info['torch_threads']} torch threads), "
+        f"{info['platform']}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"load avg {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}.",
+        "",
+        "| N | generate s | smc s | smc/gen (medians) | median pair ratio | smc/gen (mins) "
+        "| gen tok/s | smc tok/s | fwd tokens gen / smc | resampling steps | <= 1.10 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res:
+        lines.append(
+            f"| {r['particles']} | {r['gen_s']:.3f} | {r['smc_s']:.3f} | {r['ratio']:.2f} "
+            f"| {r['pair_ratio']:.2f} | {r['min_ratio']:.2f} "
+            f"| {r['gen_tok_s']:.0f} | {r['smc_tok_s']:.0f} "
+            f"| {r['gen_forward_tokens']} / {r['smc_forward_tokens']} "
+            f"| {r['resampling_steps']:g} of {r['steps'] - 1} "
+            f"| {'yes' if r['goal_met'] else 'NO'} |"
+        )
+    lines.append(f"<!-- /{key} -->")
+    section = "\n".join(lines) + "\n"
+    path = Path(args.markdown)
+    text = path.read_text() if path.exists() else INTRO
+    start, end = f"<!-- {key} -->", f"<!-- /{key} -->\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--particles", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--batch", type=int, default=1, help="number of prompts")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--banned-frac", type=float, default=0.1)
+    p.add_argument("--ess-threshold", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/smc_overhead.json")
+    p.add_argument("--markdown", default="benchmarks/RESULTS.md")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = " ".join(["python benchmarks/smc_overhead.py", *sys.argv[1:]])
+
+    info = machine_info(args)
+    model = build_model(args)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(1, args.vocab, (args.batch, args.prompt_len), generator=g)
+    ids, mask = ids.to(args.device), torch.ones_like(ids, device=args.device)
+    banned = torch.randperm(args.vocab, generator=g)[: int(args.banned_frac * args.vocab)]
+    potential = TokenMask(banned=banned.tolist())
+
+    res = []
+    for n in args.particles:
+        r = bench(model, args, n, ids, mask, potential)
+        res.append(r)
+        print(
+            f"N={n:4d}  generate {r['gen_s']:.3f}s ({r['gen_tok_s']:.0f} tok/s)  "
+            f"smc {r['smc_s']:.3f}s ({r['smc_tok_s']:.0f} tok/s)  smc/gen {r['ratio']:.2f} "
+            f"(pairs {r['pair_ratio']:.2f}, mins {r['min_ratio']:.2f})  "
+            f"fwd tokens {r['gen_forward_tokens']}/{r['smc_forward_tokens']}  "
+            f"resampled {r['resampling_steps']:g}/{r['steps'] - 1}"
+            f"  goal <= {GOAL}: {'met' if r['goal_met'] else 'NOT met'}",
+            flush=True,
+        )
+    info["loadavg_end"] = list(os.getloadavg())
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps(
+            dict(
+                benchmark="smc_overhead",
+                command=command,
+                goal=GOAL,
+                machine=info,
+                config=vars(args),
+                results=res,
+            ),
+            indent=2,
+        )
+    )
+    markdown(res, info, args, command)
+    print(f"wrote {args.out} and {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
