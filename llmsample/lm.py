@@ -27,6 +27,7 @@ __all__ = [
     "score_continuations",
     "context_length",
     "vocab_size",
+    "line_end_ids",
 ]
 
 
@@ -131,6 +132,18 @@ def vocab_size(model) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(model.config.vocab_size)
+
+
+def line_end_ids(tokenizer) -> list[int]:
+    """Ids of every token whose text contains a newline, plus EOS.
+
+    Passed as ``eos_token_id``, they end each continuation at the end of its line.
+    (With a byte-level BPE such tokens are whitespace-only, so no word is lost.)
+    """
+    ids = {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
 
 
 def _positions(mask: Tensor) -> Tensor:

