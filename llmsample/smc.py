@@ -140,7 +140,6 @@ def run_smc(
     log_phi = torch.zeros(R, **f64)  # log phi of each completed row
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
-    tokens = torch.empty(R, 0, dtype=torch.long, device=device)
     prompt_index = torch.arange(B, device=device).repeat_interleave(N)
     offsets = (torch.arange(B, device=device) * N)[:, None]  # [B, 1]
     ess_trace, resampled_trace = [], []
