@@ -67,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="SMC vs plain sampling on a constrained line")
     _add_model_flags(d)
-    d.add_argument("--particles", type=int, default=64)
+    d.add_argument("--particles", type=int, default=256)
     d.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
-def _potential(args, model, tokenizer):
-    from llmsample.potentials import Contains, Regex, SuffixLikelihood
+def _text_potentials(args) -> list:
+    """The potentials that need no model, built (and validated) before loading one."""
+    from llmsample.potentials import Contains, Regex
 
     parts = []
     try:
@@ -83,21 +84,24 @@ def _potential(args, model, tokenizer):
             parts.append(Regex(args.regex))
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if args.infill_suffix is not None:
-        if not args.infill_suffix.strip():
-            raise UsageError("--infill-suffix needs non-empty text")
-        parts.append(SuffixLikelihood(model, tokenizer, args.infill_suffix))
-    if not parts:
-        return None
-    out = parts[0]
-    for p in parts[1:]:
-        out = out * p
-    return out
+    if args.infill_suffix is not None and not args.infill_suffix.strip():
+        raise UsageError("--infill-suffix needs non-empty text")
+    return parts
 
 
-def _load(args):
+def _product(parts: list):
+    from llmsample.potentials import Product
+
+    return None if not parts else parts[0] if len(parts) == 1 else Product(*parts)
+
+
+def load_for_cli(args):
+    """load_model from the flags; a failure becomes a one-line UsageError."""
+    from transformers.utils import logging as hf_logging
+
     import llmsample
 
+    hf_logging.disable_progress_bar()  # keep the terminal for our own output
     try:
         return llmsample.load_model(args.model, adapter=args.adapter, device=args.device)
     except (ValueError, FileNotFoundError) as err:
@@ -107,12 +111,21 @@ def _load(args):
 def run_generate(args) -> dict:
     import llmsample
     from llmsample.lm import line_end_ids
+    from llmsample.potentials import SuffixLikelihood
     from llmsample.proposals import LMProposal
 
     if args.method == "beam" and args.temperature != 1.0:
         raise UsageError("--temperature has no effect with --method beam; drop one of them")
-    model, tok = _load(args)
-    potential = _potential(args, model, tok)
+    parts = _text_potentials(args)
+    try:
+        llmsample.SMCConfig(num_particles=args.particles, max_new_tokens=args.max_new_tokens)
+        LMProposal(args.temperature)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    model, tok = load_for_cli(args)
+    if args.infill_suffix is not None:
+        parts.append(SuffixLikelihood(model, tok, args.infill_suffix.replace("\\n", "\n")))
+    potential = _product(parts)
     prompt = args.prompt.replace("\\n", "\n")
     eos = line_end_ids(tok) if args.line else None
     common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos)

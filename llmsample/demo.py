@@ -22,27 +22,24 @@ __all__ = ["DEMO", "run_demo", "print_demo"]
 
 DEMO = dict(
     prompts=["ROMEO:\n", "JULIET:\n", "HAMLET:\n", "KING LEAR:\n"],
-    words=("love", "night"),
-    max_new_tokens=24,
-    prefix_bonus=2.0,
+    words=("love",),
+    max_new_tokens=20,
+    prefix_bonus=3.0,
 )
 
 
 def run_demo(args) -> dict:
     import llmsample
-    from llmsample.cli import UsageError
+    from llmsample.cli import UsageError, load_for_cli
     from llmsample.lm import line_end_ids
     from llmsample.potentials import Contains
 
-    try:
-        model, tok = llmsample.load_model(args.model, adapter=args.adapter, device=args.device)
-    except (ValueError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
+    if args.particles < 1:
+        raise UsageError(f"--particles must be >= 1, got {args.particles}")
+    model, tok = load_for_cli(args)
     prompts, words, T = DEMO["prompts"], DEMO["words"], DEMO["max_new_tokens"]
     common = dict(max_new_tokens=T, eos_token_id=line_end_ids(tok), seed=args.seed)
     N = args.particles
-    if N < 1:
-        raise UsageError(f"--particles must be >= 1, got {N}")
 
     t0 = time.perf_counter()
     plain = llmsample.ancestral_generate(
@@ -69,7 +66,7 @@ def run_demo(args) -> dict:
                 plain_samples=(ok + plain.texts[b])[:2],
                 smc_rate=1.0 if smc_ok else 0.0,
                 smc_log_z=float(smc.log_z[b]),
-                smc_samples=smc.sample(2, seed=args.seed)[b] if smc_ok else [],
+                smc_samples=_draw(smc, b, 2, args.seed) if smc_ok else [],
                 smc_resampling_steps=len(smc.resampling_steps[b]),
             )
         )
@@ -85,6 +82,13 @@ def run_demo(args) -> dict:
         plain_forward_tokens=plain.num_forward_tokens,
         smc_forward_tokens=smc.num_forward_tokens,
     )
+
+
+def _draw(out, b: int, k: int, seed: int) -> list[str]:
+    """k draws by weight from prompt b's particles."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.multinomial(out.log_weights[b].exp().float(), k, replacement=True, generator=gen)
+    return [out.texts[b][i] for i in idx.tolist()]
 
 
 def print_demo(res: dict) -> None:

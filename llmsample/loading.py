@@ -53,9 +53,10 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"cannot load model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), "
-            f"not a local folder, and not reachable on the Hugging Face hub ({err})"
+            f"not a local folder, and not loadable from the Hugging Face hub ({reason})"
         ) from None
     if adapter is not None:
         from peft import PeftModel

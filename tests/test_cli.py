@@ -1,0 +1,193 @@
+"""The embedded model and the `llmsample` command line (offline, CPU)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmsample
+from llmsample.cli import main
+from llmsample.lm import line_end_ids
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llmsample.load_model("shakespeare-tiny")
+
+
+def test_load_embedded_model_by_name(tiny):
+    model, tok = tiny
+    assert model.config.vocab_size == len(tok) == 4096
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+    assert next(model.parameters()).dtype == torch.float32  # fp16 on disk, fp32 on CPU
+    assert 4e6 <= sum(p.numel() for p in model.parameters()) <= 12e6
+    ids = tok("ROMEO:\n", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, -1], -1)
+    # a trained model: after a speaker line, a newline-free content token is likely
+    assert torch.isfinite(logp).all() and logp.max() > math.log(0.05)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot load model 'no-such-model-xyz'"):
+        llmsample.load_model("no-such-model-xyz")
+
+
+def test_local_folder_falls_through_to_from_pretrained(tiny, tmp_path):
+    model, tok = tiny
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again, tok2 = llmsample.load_model(str(tmp_path))
+    ids = tok("JULIET:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, again(ids).logits)
+    assert tok2("JULIET:").input_ids == tok("JULIET:").input_ids
+
+
+@pytest.mark.filterwarnings("ignore:the potential rejected every particle")
+@pytest.mark.parametrize(
+    "generate",
+    [
+        llmsample.smc_generate,
+        llmsample.importance_generate,
+        lambda m, t, p, **k: llmsample.ancestral_generate(
+            m, t, p, num_samples=k.pop("num_particles"), **k
+        ),
+        lambda m, t, p, **k: llmsample.beam_generate(
+            m,
+            t,
+            p,
+            num_beams=k.pop("num_particles"),
+            max_new_tokens=k["max_new_tokens"],
+            potential=k["potential"],
+        ),
+    ],
+    ids=["smc", "importance", "ancestral", "beam"],
+)
+def test_every_method_runs_on_the_embedded_model(tiny, generate):
+    model, tok = tiny
+    pot = llmsample.potentials.Contains("the")
+    out = generate(
+        model,
+        tok,
+        ["ROMEO:\n", "First Citizen:\n"],
+        potential=pot,
+        num_particles=4,
+        max_new_tokens=8,
+        seed=0,
+    )
+    assert out.sequences.shape[:2] == (2, 4)
+    assert all(len(t) == 4 for t in out.texts) and any(any(t.strip() for t in r) for r in out.texts)
+    assert torch.allclose(out.log_weights.logsumexp(1), torch.zeros(2, dtype=torch.float64)) or (
+        out.log_z is not None and torch.isinf(out.log_z).any()
+    )
+    assert out.log_potential.shape == (2, 4)
+
+
+def test_line_end_ids_are_whitespace_only_tokens(tiny):
+    _, tok = tiny
+    ids = line_end_ids(tok)
+    assert tok.eos_token_id in ids and len(ids) > 1
+    assert all(tok.decode([i]).strip() == "" for i in ids if i != tok.eos_token_id)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("method", ["smc", "ancestral", "importance", "beam"])
+def test_cli_generate_json(capsys, method):
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        "ROMEO:\\n",
+        "--method",
+        method,
+        "--particles",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--contains",
+        "the",
+        "--json",
+    )
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["method"] == method and len(res["samples"]) == 4
+    assert abs(sum(s["weight"] for s in res["samples"]) - 1) < 1e-6 or res["log_z"] == -math.inf
+    assert (res["log_z"] is None) == (method in ("ancestral", "beam"))
+
+
+def test_cli_generate_text_output_and_infill(capsys):
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "ROMEO:\\n",
+        "--particles",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--infill-suffix",
+        "JULIET:",
+        "--line",
+    )
+    assert code == 0
+    assert "log Z:" in out and "ESS trace:" in out and "w=" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "no-such-model-xyz"], "cannot load model"),
+        (["--regex", "a(b"], "invalid regular expression"),
+        (["--method", "beam", "--temperature", "0.5"], "no effect with --method beam"),
+        (["--particles", "0"], "num_particles must be"),
+        (["--max-new-tokens", "100000"], "exceeds the model's context"),
+        (["--infill-suffix", "  "], "non-empty"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(capsys, argv, message):
+    code, out, err = run_cli(capsys, "generate", "ROMEO:", *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_impossible_constraint_reports_log_z_minus_inf(capsys):
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "ROMEO:",
+        "--particles",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--contains",
+        "xylophonequartz",
+    )
+    assert code == 0
+    assert "log Z: -inf" in out and "no particle satisfied the constraint" in out
+
+
+def test_cli_demo_smc_beats_plain_sampling(capsys):
+    code, out, err = run_cli(capsys, "demo", "--particles", "32", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["smc_rate"] > res["plain_rate"]
+    for row in res["rows"]:  # SMC's evidence is consistent with the plain hit rate
+        assert row["smc_log_z"] <= 0
+
+
+def test_cli_as_a_subprocess_has_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmsample.cli", "generate", "ROMEO:", "--regex", "(("],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "invalid regular expression" in proc.stderr and "Traceback" not in proc.stderr
