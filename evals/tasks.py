@@ -1,0 +1,144 @@
+"""Eval tasks built from the held-out plays (never the training plays).
+
+- ``line-infill``: given a speaker, the previous and the next verse line of a speech,
+  write the middle line. Target: p(middle | context) * p(next | context, middle).
+  Reference: the real middle line.
+- ``keywords``: write a line that contains 2 or 3 given content words (a hard
+  constraint, like CommonGen). References: the held-out lines that contain them.
+
+    from evals.tasks import build_task
+    task = build_task("keywords", num_prompts=50)
+    task.examples[0].prompt, task.examples[0].references, task.potential(model, tok)
+
+Selection is deterministic (``seed``), so every method sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from llmsample.potentials import Contains, PerPrompt, Potential, SuffixLikelihood
+from llmsample.shakespeare import DEFAULT_HELDOUT, list_plays, load_plays
+
+__all__ = ["Example", "Task", "build_task", "speeches", "TASKS"]
+
+_WORD = re.compile(r"[A-Za-z']+")
+STOPWORDS = set(
+    """a an and are as at be but by for from had has have he her him his i if in is it its
+    let me my no nor not now of on or our shall she so that the thee their them then there
+    these they thou thy this those to too upon us was we were what when where which while
+    who whom why will with would ye yet you your hath doth art thus more most than into
+    o oh ay come make good well like must such very well give take know tell here hence""".split()
+)
+
+
+@dataclass
+class Example:
+    """One prompt of a task with its references and its potential's arguments."""
+
+    prompt: str
+    references: list[str]
+    words: list[str] = field(default_factory=list)  # keywords
+    suffix: str = ""  # line-infill: the text that must follow the middle line
+    source: str = ""  # play name
+
+
+@dataclass
+class Task:
+    name: str
+    examples: list[Example]
+    max_new_tokens: int
+    description: str
+
+    def potential(self, model, tokenizer, examples: list[Example] | None = None, twist=False):
+        """The task's potential over a batch of examples (one per prompt)."""
+        examples = self.examples if examples is None else examples
+        if self.name == "line-infill":
+            return SuffixLikelihood(model, tokenizer, [e.suffix for e in examples], as_twist=twist)
+        bonus = 2.0 if twist else 0.0
+        return PerPrompt([Contains(*e.words, prefix_bonus=bonus) for e in examples])
+
+    def satisfied(self, example: Example, text: str) -> bool | None:
+        """Hard-constraint check (keywords); None for tasks without one."""
+        if self.name != "keywords":
+            return None
+        pot: Potential = Contains(*example.words)
+        return bool(pot.predicate(text))
+
+
+def speeches(text: str) -> list[tuple[str, list[str]]]:
+    """(speaker, verse lines) for every speech of a cleaned play."""
+    out = []
+    for para in text.split("\n\n"):
+        lines = [ln.strip() for ln in para.split("\n") if ln.strip()]
+        if len(lines) >= 2 and lines[0].endswith(":"):
+            out.append((lines[0][:-1], lines[1:]))
+    return out
+
+
+def _verse(line: str) -> bool:
+    words = _WORD.findall(line)
+    return len(words) >= 5 and not line.isupper()
+
+
+def _content_words(line: str) -> list[str]:
+    words = [w.lower().strip("'") for w in _WORD.findall(line)]
+    return [w for w in dict.fromkeys(words) if len(w) >= 4 and w.isalpha() and w not in STOPWORDS]
+
+
+def _line_infill(plays: dict[str, str], n: int, rng: random.Random) -> list[Example]:
+    pool = []
+    for name, text in plays.items():
+        for speaker, lines in speeches(text):
+            for i in range(1, len(lines) - 1):
+                if all(_verse(x) for x in lines[i - 1 : i + 2]):
+                    prompt = f"{speaker}:\n{lines[i - 1]}\n"
+                    pool.append(
+                        Example(prompt, [lines[i]], suffix="\n" + lines[i + 1], source=name)
+                    )
+    return rng.sample(pool, min(n, len(pool)))
+
+
+def _keywords(plays: dict[str, str], n: int, rng: random.Random) -> list[Example]:
+    all_lines = [
+        (name, speaker, line)
+        for name, text in plays.items()
+        for speaker, lines in speeches(text)
+        for line in lines
+        if _verse(line)
+    ]
+    counts = Counter(w for _, _, line in all_lines for w in _content_words(line))
+    common = {w for w, c in counts.items() if c >= 8}  # words the model has a chance to know
+    pool = []
+    for name, speaker, line in all_lines:
+        words = [w for w in _content_words(line) if w in common]
+        if len(words) >= 2:
+            k = 3 if len(words) >= 3 and rng.random() < 0.3 else 2
+            pool.append((name, speaker, sorted(rng.sample(words, k))))
+    examples = []
+    for name, speaker, words in rng.sample(pool, min(n, len(pool))):
+        check = Contains(*words)
+        refs = [line for _, _, line in all_lines if check.predicate(line)]
+        examples.append(Example(f"{speaker}:\n", refs, words=words, source=name))
+    return examples
+
+
+TASKS = {
+    "line-infill": ("write the missing middle line of a speech", _line_infill, 24),
+    "keywords": ("write a line that contains the given words", _keywords, 24),
+}
+
+
+def build_task(name: str, num_prompts: int = 50, seed: int = 0, plays=DEFAULT_HELDOUT) -> Task:
+    """The task ``name`` on ``num_prompts`` examples drawn from the held-out ``plays``."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)} or 'exact'")
+    unknown = set(plays) - set(list_plays())
+    if unknown:
+        raise ValueError(f"unknown plays {sorted(unknown)}")
+    description, build, max_new_tokens = TASKS[name]
+    examples = build(load_plays(plays), num_prompts, random.Random(seed))
+    return Task(name, examples, max_new_tokens, description)
