@@ -16,6 +16,7 @@ runs in one forward pass per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -139,11 +140,17 @@ def line_end_ids(tokenizer) -> list[int]:
 
     Passed as ``eos_token_id``, they end each continuation at the end of its line.
     (With a byte-level BPE such tokens are whitespace-only, so no word is lost.)
+    Computed once per tokenizer object (it decodes the whole vocabulary).
     """
+    return list(_line_end_ids(tokenizer))
+
+
+@lru_cache(maxsize=8)
+def _line_end_ids(tokenizer) -> tuple[int, ...]:
     ids = {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
+    return tuple(sorted(ids))
 
 
 def _positions(mask: Tensor) -> Tensor:
