@@ -7,15 +7,23 @@ For B prompts with N particles each (rows prompt-major), for t = 1..T:
 2. **Reweight.** log w += log p(x_t) - log q(x_t) + log psi_t(x_<=t) - log psi_{t-1}.
    A row that completes (x_t is EOS, or t = T) uses log phi instead of log psi_t,
    and from then on its tokens and weight are frozen.
-3. **Resample.** Per prompt, when ESS/N < ``ess_threshold`` (and some row is still
-   running and some weight is positive): log Z_b += logsumexp(log w_b) - log N,
-   draw ancestors with the chosen scheme, copy rows (KV cache included), reset
-   log w_b = 0.
+3. **Resample (partial, among running rows only).** Per prompt, let A be its rows
+   still running. When ESS(w_A) / |A| < ``ess_threshold`` (and some running row has
+   positive weight): draw |A| ancestors from A with probabilities proportional to w_i
+   using the chosen scheme, copy them into the |A| running slots (KV cache included)
+   and give each the weight (sum_{i in A} w_i) / |A|. Finished rows keep their slots,
+   tokens and weights. A finished row carries phi while a running row carries psi_t
+   (1 with no twist), two incomparable scales: letting them compete (resampling all N
+   rows) would almost always drop finished rows whose phi is small next to psi, leaving
+   a consistent but heavy-tailed estimate that badly underestimates log Z in practice.
 4. **Step the model** on the new tokens (one batched forward of B*N rows). Stop
    as soon as every row has completed.
 
-At the end log Z_b += logsumexp(log w_b) - log N. Output: particles with weights
-normalized per prompt. They are *properly weighted* for
+Resampling preserves the total weight (exactly for the running set, and in expectation
+for every function of the particles: E[sum_j w'_j f(x'_j)] = sum_{i in A} w_i f(x_i)), so
+weights are never reset and at the end log Z_b = logsumexp(log w_b) - log N: sum_i w_i is
+unbiased for N Z(c). Output: particles with weights normalized per prompt. They are
+*properly weighted* for
 
     sigma(x | c) = p(x | c) phi(x, c) / Z(c)
 
@@ -57,8 +65,9 @@ class SMCConfig:
     max_new_tokens: int = _help("T: a continuation ends at EOS or after T tokens", 32)
     resampling: str = _help("multinomial | stratified | systematic | residual", "systematic")
     ess_threshold: float = _help(
-        "resample a prompt's particles when ESS/N < this; 0 never resamples "
-        "(importance sampling), values > 1 resample at every step",
+        "resample a prompt's running particles when their ESS / their count < this (finished "
+        "particles keep their weights); 0 never resamples (importance sampling), values > 1 "
+        "resample at every step",
         0.5,
     )
     seed: int | None = _help("seed for proposals and resampling; None uses torch's RNG", None)
@@ -135,13 +144,11 @@ def run_smc(
     R = B * N
     f64 = dict(dtype=torch.float64, device=device)
     log_w = torch.zeros(B, N, **f64)
-    log_z = torch.zeros(B, **f64)
     log_psi = torch.zeros(R, **f64)  # current twist value of each row (psi_0 = 1)
     log_phi = torch.zeros(R, **f64)  # log phi of each completed row
     finished = torch.zeros(R, dtype=torch.bool, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
     prompt_index = torch.arange(B, device=device).repeat_interleave(N)
-    offsets = (torch.arange(B, device=device) * N)[:, None]  # [B, 1]
     ess_trace, resampled_trace = [], []
 
     def view(rows_tokens, rows_lengths) -> Particles:
@@ -193,11 +200,13 @@ def run_smc(
         log_psi = torch.where(active, new_psi, log_psi)
         finished = finished | done_now
 
-        ess_b = ess(log_w)  # [B]
+        ess_b = ess(log_w)  # [B] over all N rows: the reported trace
         ess_trace.append(ess_b)
-        running_b = ~finished.view(B, N).all(dim=1)
-        can = torch.isfinite(log_w.logsumexp(dim=1)) & running_b
-        need = can & (ess_b < cfg.ess_threshold * N) & (t < T - 1)
+        running_bn = ~finished.view(B, N)
+        log_w_run = log_w.masked_fill(~running_bn, -math.inf)  # the resampling pool
+        n_run = running_bn.sum(dim=1)  # [B]
+        can = torch.isfinite(log_w_run.logsumexp(dim=1))  # some running row has weight > 0
+        need = can & (ess(log_w_run) < cfg.ess_threshold * n_run) & (t < T - 1)
         resampled_trace.append(need)
         any_need, all_done, bad_twist, bad_potential = torch.cat(
             [torch.stack([need.any(), finished.all()]), invalid]
@@ -206,11 +215,19 @@ def run_smc(
             what = "twist.prefix" if bad_twist else "potential.complete"
             raise ValueError(f"{what} returned NaN or +inf; log scores must be finite or -inf")
         if any_need:
-            log_z = log_z + torch.where(need, log_w.logsumexp(dim=1) - math.log(N), 0.0)
-            anc = resample(log_w, cfg.resampling, gen)  # [B, N]
-            local = torch.where(need[:, None], anc, torch.arange(N, device=device))
-            index = (local + offsets).view(R)
-            log_w = torch.where(need[:, None], 0.0, log_w)
+            index = torch.arange(R, device=device)
+            # a prompt's running rows first, in order: its pool is the first |A| columns
+            order = torch.sort(finished.view(B, N).long(), dim=1, stable=True).indices
+            sizes = torch.where(need, n_run, 0)  # |A| of each prompt to resample, else 0
+            for n in sizes.unique().tolist():  # prompts with the same |A| go in one batch
+                if n == 0:
+                    continue
+                bs = (sizes == n).nonzero()  # [G, 1]
+                slots = order[bs[:, 0], :n]  # [G, n] their running rows
+                lw = log_w[bs, slots]  # [G, n]
+                anc = resample(lw, cfg.resampling, gen)  # [G, n] positions in the pool
+                index[bs * N + slots] = bs * N + slots.gather(1, anc)
+                log_w[bs, slots] = lw.logsumexp(dim=1, keepdim=True) - math.log(n)
             buf, lengths = buf[index], lengths[index]
             tokens = buf[:, : t + 1]
             finished, log_psi, log_phi = finished[index], log_psi[index], log_phi[index]
@@ -223,7 +240,7 @@ def run_smc(
         proposal.advance(tokens[:, -1])
         twist.advance(tokens[:, -1])
 
-    log_z = log_z + log_w.logsumexp(dim=1) - math.log(N)
+    log_z = log_w.logsumexp(dim=1) - math.log(N)
     dead = torch.isinf(log_z)
     if cfg.reweight and dead.any():
         bad = dead.nonzero().flatten().tolist()

@@ -88,13 +88,22 @@ def test_single_string_prompt(gpt2, tok):
 # --------------------------------------------------------------------------- output contract
 
 
-def test_output_shapes_and_normalization(gpt2, tok):
+def test_output_shapes_and_normalization(gpt2, tok, monkeypatch):
     B, N, T = 2, 6, 7
+    pools = []  # log weights handed to the resampler: [prompts, their running rows]
+    real = llmsample.smc.resample
+
+    def spy(log_w, scheme, generator):
+        pools.append(log_w.clone())
+        return real(log_w, scheme, generator)
+
+    monkeypatch.setattr(llmsample.smc, "resample", spy)
     out = smc_generate(
         gpt2,
         tok,
         PROMPTS,
-        potential=REWARD,
+        potential=Reward(distinct_words, distinct_words),  # prefix scores make running
+        twist="prefix",  # weights differ, so their ESS can fall
         num_particles=N,
         max_new_tokens=T,
         seed=0,
@@ -115,9 +124,14 @@ def test_output_shapes_and_normalization(gpt2, tok):
     assert out.ess.shape == (B, S) and out.resampled.shape == (B, S)
     assert out.resampled.dtype == torch.bool
     assert ((out.ess >= 1 - 1e-9) & (out.ess <= N + 1e-9)).all()
-    # resampling happens only where the ESS fell below the threshold, never at the last step
+    # resampling happens only where the running rows' ESS / their count fell below the
+    # threshold (finished rows stay out of the pool), never at the last step
     assert out.resampled.any()
-    assert (out.ess[out.resampled] < 0.9 * N).all()
+    assert sum(pool.shape[0] for pool in pools) == int(out.resampled.sum())
+    for pool in pools:
+        n = pool.shape[1]
+        assert 1 <= n <= N and (llmsample.resampling.ess(pool) < 0.9 * n).all()
+    assert any(pool.shape[1] < N for pool in pools)  # some resampling left finished rows out
     assert not out.resampled[:, -1].any()
     assert out.resampling_steps == [torch.nonzero(r).flatten().tolist() for r in out.resampled]
     # each text decodes its continuation (EOS stripped)
