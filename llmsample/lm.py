@@ -26,6 +26,8 @@ __all__ = [
     "LMSession",
     "encode_prompts",
     "score_continuations",
+    "teacher_force",
+    "TeacherForced",
     "context_length",
     "vocab_size",
     "line_end_ids",
@@ -229,6 +231,57 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+@dataclass
+class TeacherForced:
+    """What one teacher-forced pass returns (fp32; see :func:`teacher_force`)."""
+
+    token_logp: Tensor  # [R, T] log p(x_t | context, x_<t), 0 at masked positions
+    stop_logp: Tensor | None  # [R, T+1] log p(stop | context, x_<=i) for i = 0..T
+    context_hidden: Tensor | None  # [R, H] last-layer state at the last context token
+
+
+def teacher_force(
+    model,
+    context_ids: Tensor,
+    context_mask: Tensor,
+    continuation_ids: Tensor,
+    continuation_mask: Tensor,
+    *,
+    grad: bool = False,
+    stop_ids: list[int] | None = None,
+    hidden: bool = False,
+) -> TeacherForced:
+    """One forward pass over context + continuation, no KV cache.
+
+    ``context_*`` are left-padded [R, P] with at least one real token per row;
+    ``continuation_*`` are right-padded [R, T]. ``stop_ids`` adds the log-probability
+    of stopping (the sum over those tokens) after every continuation prefix, the empty
+    one included; ``hidden`` adds the context's last hidden state. With ``grad`` the
+    outputs carry gradients; otherwise the pass runs in inference mode.
+    """
+    device = _device_of(model)
+    ids = torch.cat([context_ids, continuation_ids], dim=1).to(device)  # [R, P+T]
+    mask = torch.cat([context_mask, continuation_mask], dim=1).to(device)
+    P, T = context_ids.shape[1], continuation_ids.shape[1]
+    ctx = torch.enable_grad() if grad else torch.inference_mode()
+    with ctx:
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            use_cache=False,
+            output_hidden_states=hidden,
+        )
+        logp = torch.log_softmax(out.logits[:, P - 1 : P + T].float(), dim=-1)  # [R, T+1, V]
+        tok = logp[:, :T].gather(-1, continuation_ids.to(device)[..., None])[..., 0]  # [R, T]
+        tok = torch.where(continuation_mask.to(device).bool(), tok, torch.zeros_like(tok))
+        stop = None
+        if stop_ids:
+            stop = logp[..., torch.as_tensor(stop_ids, device=device)].logsumexp(-1)  # [R, T+1]
+        h = out.hidden_states[-1][:, P - 1].float() if hidden else None  # [R, H]
+        return TeacherForced(tok, stop, h)
+
+
 def score_continuations(
     model,
     context_ids: Tensor,
@@ -244,15 +297,6 @@ def score_continuations(
     ``continuation_*`` are right-padded [R, T]. Returns fp32 [R, T] log-probs, with 0
     at masked continuation positions. One forward pass, no KV cache.
     """
-    device = _device_of(model)
-    ids = torch.cat([context_ids, continuation_ids], dim=1).to(device)  # [R, P+T]
-    mask = torch.cat([context_mask, continuation_mask], dim=1).to(device)
-    P, T = context_ids.shape[1], continuation_ids.shape[1]
-    ctx = torch.enable_grad() if grad else torch.inference_mode()
-    with ctx:
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False
-        ).logits[:, P - 1 : P + T - 1]  # [R, T, V]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tok = logp.gather(-1, continuation_ids.to(device)[..., None])[..., 0]  # [R, T]
-        return torch.where(continuation_mask.to(device).bool(), tok, torch.zeros_like(tok))
+    return teacher_force(
+        model, context_ids, context_mask, continuation_ids, continuation_mask, grad=grad
+    ).token_logp

@@ -1,0 +1,29 @@
+"""GFlowNet fine-tuning of a LoRA policy that samples sigma(x|c) ∝ p_base(x|c) phi(x,c).
+
+    from llmsample.gfn import GFNConfig, GFNTrainer, add_lora
+    policy = add_lora(model, cfg)
+    GFNTrainer(policy, tokenizer, prompts, potential, cfg).train()
+
+See :mod:`llmsample.gfn.trainer` for the algorithm and :mod:`llmsample.gfn.losses`
+for the objectives (pure tensor functions).
+"""
+
+from llmsample.gfn.config import GFNConfig
+from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
+from llmsample.gfn.replay import ReplayBuffer
+from llmsample.gfn.rollout import Rollouts, sample_rollouts
+from llmsample.gfn.trainer import GFNTrainer, LogZ, add_lora
+
+__all__ = [
+    "GFNConfig",
+    "GFNTrainer",
+    "LogZ",
+    "ReplayBuffer",
+    "Rollouts",
+    "add_lora",
+    "prefix_flows",
+    "sample_rollouts",
+    "subtrajectory_balance",
+    "trajectory_balance",
+    "vargrad",
+]

@@ -1,0 +1,126 @@
+"""GFNConfig: every knob of GFlowNet LoRA fine-tuning, validated on construction.
+
+    cfg = GFNConfig(loss="tb", steps=500, samples_per_prompt=16, out_dir="out/gfn")
+
+YAML files and command-line flags map onto it through :func:`llmsample.config.parse_config`
+(recipes subclass it to add the task and model fields).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["GFNConfig", "LOSSES"]
+
+LOSSES = ("tb", "vargrad", "subtb")
+
+
+def _help(text: str, default):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class GFNConfig:
+    # objective
+    loss: str = _help("tb (trajectory balance) | vargrad | subtb (modified sub-TB)", "tb")
+    log_z: str = _help(
+        "tb only: 'scalar' log Z, or 'prompt' (a linear head on the prompt)", "scalar"
+    )
+    subtb_lambda: float = _help("subtb: weight lambda^(j-i) of a sub-trajectory i..j", 1.0)
+    # reward
+    reward_temperature_start: float = _help("reward is R^(1/tau); tau at step 0", 1.0)
+    reward_temperature_end: float = _help("tau after the schedule (1 = the true posterior)", 1.0)
+    reward_temperature_steps: int = _help("steps of linear tau annealing (0 = constant end)", 0)
+    # batch and optimization
+    steps: int = _help("optimizer steps", 200)
+    prompts_per_step: int = _help("prompts per micro-batch", 1)
+    samples_per_prompt: int = _help("K sequences per prompt per micro-batch", 16)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
+    max_new_tokens: int = _help("T: sequences end at a stop token or after T tokens", 16)
+    lr: float = _help("learning rate of the LoRA weights", 1e-3)
+    log_z_lr: float = _help("learning rate of log Z (scalar or head)", 0.1)
+    weight_decay: float = _help("AdamW weight decay of the LoRA weights", 0.0)
+    max_grad_norm: float = _help("gradient clipping norm (0 = off)", 1.0)
+    warmup_steps: int = _help("linear learning-rate warmup steps", 10)
+    mixed_precision: str = _help("no | bf16 | fp16 (accelerate autocast)", "no")
+    # LoRA
+    lora_rank: int = _help("LoRA rank r", 8)
+    lora_alpha: float = _help("LoRA alpha (scale alpha / r)", 16.0)
+    target_modules: list[str] = _help(
+        "modules to adapt; ['all-linear'] = every linear", ["all-linear"]
+    )
+    # exploration
+    tempered_fraction: float = _help("fraction of steps that sample at a random temperature", 0.5)
+    temperature_min: float = _help("lowest exploration temperature", 0.7)
+    temperature_max: float = _help("highest exploration temperature", 2.0)
+    epsilon_start: float = _help("epsilon-uniform mixing at step 0", 0.05)
+    epsilon_end: float = _help("epsilon-uniform mixing at the last step (linear)", 0.0)
+    replay_fraction: float = _help("fraction of each prompt's K taken from the replay buffer", 0.25)
+    replay_capacity: int = _help("distinct sequences kept per prompt (top reward)", 512)
+    replay_temperature: float = _help("replay picks x with prob. prop. to R(x)^(1/this)", 1.0)
+    # bookkeeping
+    seed: int = _help("seed of sampling, replay and initialization", 0)
+    out_dir: str = _help("checkpoints, metrics.jsonl and the final adapter go here", "out/gfn")
+    save_every: int = _help("checkpoint every this many steps (0 = only at the end)", 50)
+    keep_checkpoints: int = _help("checkpoints kept on disk", 2)
+    log_every: int = _help("log metrics every this many steps", 10)
+    eval_every: int = _help("run the task's evaluation every this many steps (0 = end only)", 50)
+    report_to: str = _help("accelerate trackers: none | all | tensorboard | wandb | ...", "none")
+    max_minutes: float = _help("stop (with a checkpoint) after this wall time (0 = no limit)", 0.0)
+    progress: bool = _help("show a progress bar", True)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.log_z not in ("scalar", "prompt"):
+            raise ValueError(f"log_z must be 'scalar' or 'prompt', got {self.log_z!r}")
+        if self.loss == "vargrad" and self.samples_per_prompt < 2:
+            raise ValueError("vargrad needs samples_per_prompt >= 2 (a per-prompt batch mean)")
+        positive = (
+            "steps",
+            "prompts_per_step",
+            "samples_per_prompt",
+            "max_new_tokens",
+            "lora_rank",
+        )
+        positive += ("gradient_accumulation_steps", "replay_capacity", "log_every")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("save_every", "eval_every", "warmup_steps", "reward_temperature_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("reward_temperature_start", "reward_temperature_end", "lr", "log_z_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.temperature_min <= self.temperature_max:
+            raise ValueError("need 0 < temperature_min <= temperature_max")
+        for name in ("tempered_fraction", "epsilon_start", "epsilon_end", "replay_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.replay_fraction >= 1.0:
+            raise ValueError("replay_fraction must be < 1: some samples must be fresh")
+        if not 0 < self.subtb_lambda:
+            raise ValueError(f"subtb_lambda must be > 0, got {self.subtb_lambda}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"
+            )
+        if self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be >= 1")
+        if self.max_minutes < 0:
+            raise ValueError("max_minutes must be >= 0")
+
+    def reward_temperature(self, step: int) -> float:
+        """tau at ``step``: linear from start to end over reward_temperature_steps."""
+        n = self.reward_temperature_steps
+        if n == 0 or step >= n:
+            return self.reward_temperature_end
+        a = step / n
+        return (1 - a) * self.reward_temperature_start + a * self.reward_temperature_end
+
+    def epsilon(self, step: int) -> float:
+        a = step / max(self.steps - 1, 1)
+        return (1 - a) * self.epsilon_start + a * self.epsilon_end

@@ -1,0 +1,461 @@
+"""GFlowNet LoRA fine-tuning: train q_theta = base + LoRA to sample sigma ∝ p_base · phi.
+
+    policy = add_lora(model, cfg)
+    trainer = GFNTrainer(policy, tokenizer, prompts, potential, cfg, stop_ids=[eos])
+    metrics = trainer.train()            # resumes from cfg.out_dir/checkpoints if present
+
+One optimizer step, per micro-batch (``gradient_accumulation_steps`` of them):
+
+1. **Pick prompts** (``prompts_per_step``) and **explore**: K - K_r fresh rollouts per
+   prompt from the policy with the KV cache and no autograd (on-policy, or at a random
+   temperature on ``tempered_fraction`` of steps; epsilon-uniform mixing on top), plus
+   K_r = ``replay_fraction`` K sequences from the reward-prioritized replay buffer.
+2. **Reward** with the *same* model, adapter disabled: log R = (log p_base(x|c) +
+   log phi(x,c)) / tau, tau on the reward-temperature schedule (one teacher-forced
+   pass, no grad). For ``subtb`` also log R of every prefix followed by the stop token.
+3. **Score** the rows under the untempered policy in one teacher-forced pass with
+   gradients (memory: one forward + backward, not T steps of graph) and apply the loss
+   (:mod:`llmsample.gfn.losses`). Fresh rows enter the replay buffer.
+
+Checkpoints (accelerate state + replay buffer + RNG + step) land in
+``out_dir/checkpoints`` every ``save_every`` steps, on SIGINT/SIGTERM and at
+``max_minutes``; a rerun resumes from the newest one. The adapter and log Z are
+exported to ``out_dir/adapter``; metrics go to ``out_dir/metrics.jsonl`` and to any
+accelerate tracker. Works under ``accelerate launch`` (DDP) unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from llmsample.gfn.config import GFNConfig
+from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
+from llmsample.gfn.replay import ReplayBuffer
+from llmsample.gfn.rollout import (
+    Rollouts,
+    cat_rollouts,
+    rollouts_from_sequences,
+    sample_rollouts,
+)
+from llmsample.lm import PromptBatch, encode_prompts, teacher_force, vocab_size
+from llmsample.particles import Particles
+from llmsample.potentials import Potential
+
+__all__ = ["GFNTrainer", "LogZ", "add_lora"]
+
+DONE = "trainer_state.json"
+
+
+def add_lora(model, cfg: GFNConfig):
+    """Wrap ``model`` in a fresh peft LoRA adapter as configured (the base stays frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+class LogZ(nn.Module):
+    """log Z(c): a scalar, or a linear head on the prompt's last hidden state (detached)."""
+
+    def __init__(self, hidden_size: int | None = None):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.head = nn.Linear(hidden_size, 1) if hidden_size else None
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden: Tensor | None = None) -> Tensor:
+        if self.head is None or hidden is None:
+            return self.bias
+        return self.bias + self.head(hidden.detach()).squeeze(-1)  # [R]
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM -> checkpoint and stop at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old: dict = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class GFNTrainer:
+    def __init__(
+        self,
+        policy,
+        tokenizer,
+        prompts: list[str],
+        potential: Potential | None,
+        cfg: GFNConfig,
+        *,
+        stop_ids: list[int] | None = None,
+        evaluate: Callable[[object, int], dict] | None = None,
+    ):
+        from accelerate import Accelerator
+
+        if not hasattr(policy, "disable_adapter"):
+            raise TypeError(
+                "policy must be a peft model (the reward uses the same model with the adapter "
+                "disabled); wrap the base model with llmsample.gfn.add_lora(model, cfg)"
+            )
+        if not prompts:
+            raise ValueError("GFNTrainer needs at least one prompt")
+        self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
+        if cfg.loss == "subtb" and len(self.stop_ids) != 1:
+            raise ValueError(
+                f"loss='subtb' needs a single stop token (terminal rewards of every prefix), "
+                f"got {len(self.stop_ids)}; use loss='tb' or 'vargrad' with several"
+            )
+        self.cfg, self.tokenizer, self.prompts, self.potential = cfg, tokenizer, prompts, potential
+        self.evaluate = evaluate
+        self.out = Path(cfg.out_dir)
+        self.acc = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_dir=str(self.out),
+        )
+        torch.manual_seed(cfg.seed)
+        hidden = policy.config.hidden_size if cfg.loss == "tb" and cfg.log_z == "prompt" else None
+        self.log_z = LogZ(hidden)
+        lora = [p for p in policy.parameters() if p.requires_grad]
+        groups = [dict(params=lora, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+        if cfg.loss == "tb":
+            groups.append(dict(params=list(self.log_z.parameters()), lr=cfg.log_z_lr))
+        self.opt = torch.optim.AdamW(groups)
+        warm = max(cfg.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+        self.policy, self.log_z, self.opt, self.sched = self.acc.prepare(
+            policy, self.log_z, self.opt, sched
+        )
+        self.policy.eval()  # no dropout, ever: every loss needs the exact log q of the policy
+        self.V = vocab_size(self.acc.unwrap_model(self.policy))
+        self.replay = ReplayBuffer(cfg.replay_capacity)
+        self.gen = torch.Generator().manual_seed(cfg.seed + self.acc.process_index)
+        self.step = 0
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------ data
+    def _batch(self) -> tuple[PromptBatch, list[int], Rollouts, int]:
+        cfg = self.cfg
+        n = min(cfg.prompts_per_step, len(self.prompts))
+        chosen = torch.randperm(len(self.prompts), generator=self.gen)[:n].tolist()
+        prompts = encode_prompts(self.tokenizer, [self.prompts[i] for i in chosen])
+        K = cfg.samples_per_prompt
+        k_r = int(cfg.replay_fraction * K)
+        if any(self.replay.size(i) < k_r for i in chosen):
+            k_r = 0
+        temp = 1.0
+        if float(torch.rand((), generator=self.gen)) < cfg.tempered_fraction:
+            u = float(torch.rand((), generator=self.gen))
+            temp = cfg.temperature_min + u * (cfg.temperature_max - cfg.temperature_min)
+        model = self.acc.unwrap_model(self.policy)
+        fresh = sample_rollouts(
+            model,
+            prompts,
+            K - k_r,
+            cfg.max_new_tokens,
+            self.stop_ids,
+            temperature=temp,
+            epsilon=cfg.epsilon(self.step),
+            generator=self.gen,
+        )
+        parts = [Rollouts(*(getattr(fresh, f).cpu() for f in Rollouts.__dataclass_fields__))]
+        if k_r:
+            seqs, idx = [], []
+            for b, i in enumerate(chosen):
+                got = self.replay.sample(i, k_r, cfg.replay_temperature, self.gen)
+                seqs += got
+                idx += [b] * len(got)
+            pad = prompts.pad_token_id
+            parts.append(rollouts_from_sequences(seqs, idx, cfg.max_new_tokens, self.stop_ids, pad))
+        ro = cat_rollouts(parts)
+        order = torch.sort(ro.prompt_index, stable=True).indices  # prompt-major [B*K]
+        ro = Rollouts(*(getattr(ro, f)[order] for f in Rollouts.__dataclass_fields__))
+        return prompts, chosen, ro, K - k_r
+
+    # ------------------------------------------------------------------ rewards
+    def _phi(self, prompts: PromptBatch, tokens, lengths, prompt_index) -> Tensor:
+        if self.potential is None:
+            return torch.zeros(tokens.shape[0], dtype=torch.float64)
+        eos = torch.as_tensor(self.stop_ids)
+        x = Particles(
+            tokens, lengths, prompt_index, prompts, self.tokenizer, eos, tokens.shape[1], self.V
+        )
+        return self.potential.complete(x).double().cpu()
+
+    def _rewards(self, prompts: PromptBatch, ro: Rollouts, subtb: bool):
+        """Untempered log R [R] and, for subtb, log R of each stopped prefix [R, T+1]."""
+        model = self.acc.unwrap_model(self.policy)
+        ctx_ids, ctx_mask = (
+            prompts.input_ids[ro.prompt_index],
+            prompts.attention_mask[ro.prompt_index],
+        )
+        with model.disable_adapter():
+            tf = teacher_force(
+                model,
+                ctx_ids,
+                ctx_mask,
+                ro.tokens,
+                ro.mask.long(),
+                stop_ids=self.stop_ids if subtb else None,
+            )
+        tok = tf.token_logp.double().cpu()  # [R, T]
+        log_phi = self._phi(prompts, ro.tokens, ro.lengths, ro.prompt_index)
+        log_r = tok.sum(1) + log_phi
+        if not subtb:
+            return log_r, None, None
+        R, T = ro.tokens.shape
+        n = ro.lengths - ro.stopped.long()  # non-terminal tokens
+        pos = torch.arange(T + 1)
+        valid = pos[None, :] <= n[:, None]  # [R, T+1]
+        rows, cols = (valid[:, :T]).nonzero(as_tuple=True)  # prefixes that stop with a token
+        pre = torch.full((len(rows), T), prompts.pad_token_id, dtype=torch.long)
+        keep = torch.arange(T)[None, :] < cols[:, None]
+        pre = torch.where(keep, ro.tokens[rows], pre)
+        pre[torch.arange(len(rows)), cols] = self.stop_ids[0]
+        phi_pre = self._phi(prompts, pre, cols + 1, ro.prompt_index[rows])
+        cum = torch.nn.functional.pad(tok.cumsum(1), (1, 0))  # [R, T+1]
+        stop_r = torch.full((R, T + 1), 0.0, dtype=torch.float64)
+        stop_lp = tf.stop_logp.double().cpu()
+        stop_r[rows, cols] = cum[rows, cols] + stop_lp[rows, cols] + phi_pre
+        cut = ~ro.stopped & (n == T)
+        stop_r[cut, T] = cum[cut, T] + log_phi[cut]
+        return log_r, stop_r, valid
+
+    # ------------------------------------------------------------------ loss
+    def _loss(self, prompts: PromptBatch, ro: Rollouts, tau: float) -> tuple[Tensor, dict, Tensor]:
+        cfg = self.cfg
+        subtb = cfg.loss == "subtb"
+        log_r, stop_r, valid = self._rewards(prompts, ro, subtb)
+        device = self.acc.device
+        ctx_ids, ctx_mask = (
+            prompts.input_ids[ro.prompt_index],
+            prompts.attention_mask[ro.prompt_index],
+        )
+        head = cfg.loss == "tb" and cfg.log_z == "prompt"
+        tf = teacher_force(
+            self.policy,
+            ctx_ids,
+            ctx_mask,
+            ro.tokens,
+            ro.mask.long(),
+            grad=True,
+            stop_ids=self.stop_ids if subtb else None,
+            hidden=head,
+        )
+        B = prompts.size
+        log_q = tf.token_logp.sum(1)  # [R]
+        target = (log_r / tau).to(device=device, dtype=torch.float32)
+        finite = torch.isfinite(target)
+        if not bool(finite.all()):
+            raise ValueError(
+                f"{int((~finite).sum())} sampled sequence(s) have log R = -inf (phi = 0): GFlowNet "
+                "losses need a positive reward; soften the potential (e.g. a penalty instead "
+                "of a hard constraint) or add a floor to it"
+            )
+        if cfg.loss == "tb":
+            lz = self.log_z(tf.context_hidden)  # [] or [R]
+            lz_rows = lz.expand(log_q.shape[0]) if lz.dim() == 0 else lz
+            loss = (lz_rows + log_q - target).pow(2).mean()
+            stats = dict(log_z=float(lz_rows.detach().mean()))
+            if lz.dim() == 0:  # the documented function, on [B, K]
+                loss = trajectory_balance(log_q.view(B, -1), target.view(B, -1), lz)
+        elif cfg.loss == "vargrad":
+            loss, lz = vargrad(log_q.view(B, -1), target.view(B, -1))
+            stats = dict(log_z=float(lz.mean()))
+        else:
+            T = ro.tokens.shape[1]
+            n = (ro.lengths - ro.stopped.long()).to(device)
+            pos = torch.arange(T, device=device)
+            q_tok = torch.where(pos[None, :] < n[:, None], tf.token_logp, 0.0)  # [R, T]
+            q_stop = tf.stop_logp.clone()  # [R, T+1]
+            cut = (~ro.stopped).to(device) & (n == T)
+            q_stop[:, T] = torch.where(cut, 0.0, q_stop[:, T])
+            valid_d = valid.to(device)
+            q_stop = torch.where(valid_d, q_stop, 0.0)
+            r_stop = torch.where(valid_d, (stop_r / tau).to(device, torch.float32), 0.0)
+            loss = subtrajectory_balance(q_tok, q_stop, r_stop, valid_d, cfg.subtb_lambda)
+            u0 = prefix_flows(q_tok, q_stop, r_stop)[:, 0]
+            stats = dict(log_z=float(u0.detach().mean()))
+        stats["log_reward"] = float(log_r.mean())
+        stats["log_q"] = float(log_q.detach().mean())
+        return loss, stats, log_r
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoints(self) -> list[Path]:
+        folder = self.out / "checkpoints"
+        found = (
+            [p for p in folder.glob("step_*") if (p / DONE).is_file()] if folder.is_dir() else []
+        )
+        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+    def save(self) -> Path:
+        folder = self.out / "checkpoints"
+        final, tmp = folder / f"step_{self.step:07d}", folder / f"tmp_step_{self.step:07d}"
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            torch.save(
+                {"replay": self.replay.state_dict(), "gen": self.gen.get_state()}, tmp / "gfn.pt"
+            )
+            state = dict(step=self.step, elapsed=self.elapsed)
+            (tmp / DONE).write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> bool:
+        found = self._checkpoints()
+        if not found:
+            return False
+        path = found[-1]
+        self.acc.load_state(str(path))
+        extra = torch.load(path / "gfn.pt", weights_only=False)
+        self.replay.load_state_dict(extra["replay"])
+        self.gen.set_state(extra["gen"])
+        state = json.loads((path / DONE).read_text())
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        return True
+
+    def export(self, path: Path | None = None) -> Path:
+        """Save the LoRA adapter (peft format) and log Z to ``out_dir/adapter``."""
+        path = Path(path or self.out / "adapter")
+        if self.acc.is_main_process:
+            self.acc.unwrap_model(self.policy).save_pretrained(str(path))
+            torch.save(self.acc.unwrap_model(self.log_z).state_dict(), path / "log_z.pt")
+            (path / "gfn_config.json").write_text(
+                json.dumps(dataclasses.asdict(self.cfg), indent=2)
+            )
+        self.acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.cfg.report_to != "none":
+            self.acc.log(
+                {k: v for k, v in record.items() if isinstance(v, int | float)}, step=self.step
+            )
+
+    def _eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        result = self.evaluate(self.acc.unwrap_model(self.policy), self.step)
+        self._log(dict(event="eval", step=self.step, **result))
+        return result
+
+    def train(self) -> dict:
+        """Run to ``cfg.steps`` (resuming if a checkpoint exists); returns the last eval."""
+        cfg = self.cfg
+        resumed = self.resume()
+        if self.cfg.report_to != "none":
+            self.acc.init_trackers("gfn", config=dataclasses.asdict(cfg))
+        self._log(dict(event="resume" if resumed else "start", step=self.step))
+        if not resumed:
+            self._eval()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="gfn",
+            disable=not cfg.progress or not self.acc.is_main_process,
+        )
+        start, last = time.monotonic() - self.elapsed, {}
+        stopped = False
+        with _StopFlag() as flag:
+            while self.step < cfg.steps:
+                t0 = time.monotonic()
+                tau = cfg.reward_temperature(self.step)
+                agg: dict[str, float] = {}
+                n_rows, uniq = 0, []
+                for _ in range(cfg.gradient_accumulation_steps):
+                    prompts, chosen, ro, n_fresh = self._batch()
+                    with self.acc.accumulate(self.policy):
+                        with self.acc.autocast():
+                            loss, stats, log_r = self._loss(prompts, ro, tau)
+                        self.acc.backward(loss)
+                        if cfg.max_grad_norm > 0 and self.acc.sync_gradients:
+                            self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                        self.opt.step()
+                        self.sched.step()
+                        self.opt.zero_grad()
+                    stats["loss"] = float(loss.detach())
+                    for k, v in stats.items():
+                        agg[k] = agg.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+                    self._remember(chosen, ro, log_r)
+                    seqs = ro.sequences()
+                    uniq.append(len(set(seqs)) / max(len(seqs), 1))
+                    n_rows += ro.num_rows
+                self.step += 1
+                self.elapsed = time.monotonic() - start
+                dt = time.monotonic() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{agg['loss']:.3g}", log_z=f"{agg['log_z']:.2f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    rec = dict(event="train", step=self.step, tau=tau, unique=sum(uniq) / len(uniq))
+                    rec.update(agg, samples_per_s=n_rows / dt, elapsed_s=self.elapsed)
+                    self._log(rec)
+                timed_out = cfg.max_minutes and self.elapsed > 60 * cfg.max_minutes
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    last = self._eval()
+                if (cfg.save_every and self.step % cfg.save_every == 0) or flag.hit or timed_out:
+                    self.save()
+                if flag.hit or timed_out:
+                    stopped = True
+                    break
+        bar.close()
+        if not stopped:
+            self.save()
+            last = self._eval()
+            self.export()
+        self._log(dict(event="stop" if stopped else "done", step=self.step, elapsed_s=self.elapsed))
+        if self.cfg.report_to != "none":
+            self.acc.end_training()
+        return dict(last, step=self.step, finished=not stopped)
+
+    def _remember(self, chosen: list[int], ro: Rollouts, log_r: Tensor) -> None:
+        """Add this batch's sequences to the replay buffer with their untempered log R."""
+        seqs, idx, vals = ro.sequences(), ro.prompt_index.tolist(), log_r.tolist()
+        for b, i in enumerate(chosen):
+            rows = [r for r in range(len(seqs)) if idx[r] == b]
+            self.replay.add(i, [seqs[r] for r in rows], [vals[r] for r in rows])
