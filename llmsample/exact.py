@@ -87,12 +87,14 @@ class ExactTarget:
         return float(torch.quantile(tvs, q))
 
 
-def toy_tokenizer(with_pad: bool = False):
-    """A 9-token word-level tokenizer: "a".."h" are ids 0..7, "<eos>" is 8 (EOS and BOS)."""
+def toy_tokenizer(with_pad: bool = False, words: list[str] | None = None):
+    """A word-level tokenizer: by default "a".."h" are ids 0..7 and "<eos>" is 8 (EOS and
+    BOS); ``words`` replaces the word list (EOS is then id ``len(words)``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(TOY_WORDS)} | {"<eos>": TOY_EOS}
+    words = TOY_WORDS if words is None else list(words)
+    vocab = {w: i for i, w in enumerate(words)} | {"<eos>": len(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     kwargs = dict(tokenizer_object=tok, eos_token="<eos>", bos_token="<eos>")
@@ -101,11 +103,12 @@ def toy_tokenizer(with_pad: bool = False):
     return PreTrainedTokenizerFast(**kwargs)
 
 
-def toy_model(arch: str = "gpt2", seed: int = 0, scale: float = 4.0):
+def toy_model(arch: str = "gpt2", seed: int = 0, scale: float = 4.0, vocab_size: int = 9):
     """A tiny random causal LM over the toy vocabulary, built from a config (no download).
 
     ``arch`` is gpt2, llama, qwen2 or mistral; ``scale`` multiplies the output head so
     next-token distributions are far from uniform. Small enough to enumerate for T <= 5.
+    ``vocab_size`` (EOS = BOS = the last id) pairs with ``toy_tokenizer(words=...)``.
     """
     from transformers import (
         AutoModelForCausalLM,
@@ -115,7 +118,8 @@ def toy_model(arch: str = "gpt2", seed: int = 0, scale: float = 4.0):
         Qwen2Config,
     )
 
-    common = dict(vocab_size=len(TOY_WORDS) + 1, bos_token_id=TOY_EOS, eos_token_id=TOY_EOS)
+    eos = vocab_size - 1
+    common = dict(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos)
     if arch == "gpt2":
         config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **common)
     else:

@@ -11,16 +11,20 @@ for the objectives (pure tensor functions).
 from llmsample.gfn.config import GFNConfig
 from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
 from llmsample.gfn.replay import ReplayBuffer
+from llmsample.gfn.reward import BaseView, log_rewards, policy_diagnostics
 from llmsample.gfn.rollout import Rollouts, sample_rollouts
 from llmsample.gfn.trainer import GFNTrainer, LogZ, add_lora
 
 __all__ = [
+    "BaseView",
     "GFNConfig",
     "GFNTrainer",
     "LogZ",
     "ReplayBuffer",
     "Rollouts",
     "add_lora",
+    "log_rewards",
+    "policy_diagnostics",
     "prefix_flows",
     "sample_rollouts",
     "subtrajectory_balance",

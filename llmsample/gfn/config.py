@@ -30,6 +30,9 @@ class GFNConfig:
     )
     subtb_lambda: float = _help("subtb: weight lambda^(j-i) of a sub-trajectory i..j", 1.0)
     # reward
+    base_in_reward: bool = _help(
+        "log R = log p_base + log phi (True: sigma ∝ p_base phi) or log phi alone (False)", True
+    )
     reward_temperature_start: float = _help("reward is R^(1/tau); tau at step 0", 1.0)
     reward_temperature_end: float = _help("tau after the schedule (1 = the true posterior)", 1.0)
     reward_temperature_steps: int = _help("steps of linear tau annealing (0 = constant end)", 0)

@@ -11,8 +11,9 @@ One optimizer step, per micro-batch (``gradient_accumulation_steps`` of them):
    temperature on ``tempered_fraction`` of steps; epsilon-uniform mixing on top), plus
    K_r = ``replay_fraction`` K sequences from the reward-prioritized replay buffer.
 2. **Reward** with the *same* model, adapter disabled: log R = (log p_base(x|c) +
-   log phi(x,c)) / tau, tau on the reward-temperature schedule (one teacher-forced
-   pass, no grad). For ``subtb`` also log R of every prefix followed by the stop token.
+   log phi(x,c)) / tau (``base_in_reward=False``: log phi / tau), tau on the
+   reward-temperature schedule (one teacher-forced pass, no grad). For ``subtb`` also
+   log R of every prefix followed by the stop token.
 3. **Score** the rows under the untempered policy in one teacher-forced pass with
    gradients (memory: one forward + backward, not T steps of graph) and apply the loss
    (:mod:`llmsample.gfn.losses`). Fresh rows enter the replay buffer.
@@ -32,7 +33,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -42,15 +43,15 @@ from tqdm.auto import tqdm
 from llmsample.gfn.config import GFNConfig
 from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
 from llmsample.gfn.replay import ReplayBuffer
+from llmsample.gfn.reward import log_rewards
 from llmsample.gfn.rollout import (
     Rollouts,
     cat_rollouts,
     rollouts_from_sequences,
     sample_rollouts,
 )
-from llmsample.lm import PromptBatch, encode_prompts, teacher_force, vocab_size
-from llmsample.particles import Particles
-from llmsample.potentials import Potential
+from llmsample.lm import PromptBatch, encode_prompts, teacher_force
+from llmsample.potentials import PerPrompt, Potential
 
 __all__ = ["GFNTrainer", "LogZ", "add_lora"]
 
@@ -119,7 +120,7 @@ class GFNTrainer:
         policy,
         tokenizer,
         prompts: list[str],
-        potential: Potential | None,
+        potential: Potential | Sequence[Potential] | None,
         cfg: GFNConfig,
         *,
         stop_ids: list[int] | None = None,
@@ -134,6 +135,11 @@ class GFNTrainer:
             )
         if not prompts:
             raise ValueError("GFNTrainer needs at least one prompt")
+        if isinstance(potential, Sequence) and len(potential) != len(prompts):
+            raise ValueError(
+                f"got {len(potential)} per-prompt potentials for {len(prompts)} prompts; "
+                "pass one Potential for all prompts or exactly one per prompt"
+            )
         self.stop_ids = list(stop_ids or [tokenizer.eos_token_id])
         if cfg.loss == "subtb" and len(self.stop_ids) != 1:
             raise ValueError(
@@ -163,13 +169,17 @@ class GFNTrainer:
             policy, self.log_z, self.opt, sched
         )
         self.policy.eval()  # no dropout, ever: every loss needs the exact log q of the policy
-        self.V = vocab_size(self.acc.unwrap_model(self.policy))
         self.replay = ReplayBuffer(cfg.replay_capacity)
         self.gen = torch.Generator().manual_seed(cfg.seed + self.acc.process_index)
         self.step = 0
         self.elapsed = 0.0
 
     # ------------------------------------------------------------------ data
+    def _potential(self, chosen: list[int]) -> Potential | None:
+        if isinstance(self.potential, Sequence):  # one per prompt: index by batch row
+            return PerPrompt([self.potential[i] for i in chosen])
+        return self.potential
+
     def _batch(self) -> tuple[PromptBatch, list[int], Rollouts, int]:
         cfg = self.cfg
         n = min(cfg.prompts_per_step, len(self.prompts))
@@ -208,60 +218,23 @@ class GFNTrainer:
         ro = Rollouts(*(getattr(ro, f)[order] for f in Rollouts.__dataclass_fields__))
         return prompts, chosen, ro, K - k_r
 
-    # ------------------------------------------------------------------ rewards
-    def _phi(self, prompts: PromptBatch, tokens, lengths, prompt_index) -> Tensor:
-        if self.potential is None:
-            return torch.zeros(tokens.shape[0], dtype=torch.float64)
-        eos = torch.as_tensor(self.stop_ids)
-        x = Particles(
-            tokens, lengths, prompt_index, prompts, self.tokenizer, eos, tokens.shape[1], self.V
-        )
-        return self.potential.complete(x).double().cpu()
-
-    def _rewards(self, prompts: PromptBatch, ro: Rollouts, subtb: bool):
-        """Untempered log R [R] and, for subtb, log R of each stopped prefix [R, T+1]."""
-        model = self.acc.unwrap_model(self.policy)
-        ctx_ids, ctx_mask = (
-            prompts.input_ids[ro.prompt_index],
-            prompts.attention_mask[ro.prompt_index],
-        )
-        with model.disable_adapter():
-            tf = teacher_force(
-                model,
-                ctx_ids,
-                ctx_mask,
-                ro.tokens,
-                ro.mask.long(),
-                stop_ids=self.stop_ids if subtb else None,
-            )
-        tok = tf.token_logp.double().cpu()  # [R, T]
-        log_phi = self._phi(prompts, ro.tokens, ro.lengths, ro.prompt_index)
-        log_r = tok.sum(1) + log_phi
-        if not subtb:
-            return log_r, None, None
-        R, T = ro.tokens.shape
-        n = ro.lengths - ro.stopped.long()  # non-terminal tokens
-        pos = torch.arange(T + 1)
-        valid = pos[None, :] <= n[:, None]  # [R, T+1]
-        rows, cols = (valid[:, :T]).nonzero(as_tuple=True)  # prefixes that stop with a token
-        pre = torch.full((len(rows), T), prompts.pad_token_id, dtype=torch.long)
-        keep = torch.arange(T)[None, :] < cols[:, None]
-        pre = torch.where(keep, ro.tokens[rows], pre)
-        pre[torch.arange(len(rows)), cols] = self.stop_ids[0]
-        phi_pre = self._phi(prompts, pre, cols + 1, ro.prompt_index[rows])
-        cum = torch.nn.functional.pad(tok.cumsum(1), (1, 0))  # [R, T+1]
-        stop_r = torch.full((R, T + 1), 0.0, dtype=torch.float64)
-        stop_lp = tf.stop_logp.double().cpu()
-        stop_r[rows, cols] = cum[rows, cols] + stop_lp[rows, cols] + phi_pre
-        cut = ~ro.stopped & (n == T)
-        stop_r[cut, T] = cum[cut, T] + log_phi[cut]
-        return log_r, stop_r, valid
-
     # ------------------------------------------------------------------ loss
-    def _loss(self, prompts: PromptBatch, ro: Rollouts, tau: float) -> tuple[Tensor, dict, Tensor]:
+    def _loss(
+        self, prompts: PromptBatch, chosen: list[int], ro: Rollouts, tau: float
+    ) -> tuple[Tensor, dict, Tensor]:
         cfg = self.cfg
         subtb = cfg.loss == "subtb"
-        log_r, stop_r, valid = self._rewards(prompts, ro, subtb)
+        terms = log_rewards(
+            self.acc.unwrap_model(self.policy),
+            self.tokenizer,
+            prompts,
+            ro,
+            self._potential(chosen),
+            self.stop_ids,
+            base_in_reward=cfg.base_in_reward,
+            prefixes=subtb,
+        )
+        log_r, stop_r, valid = terms.log_reward, terms.stop_reward, terms.stop_valid
         device = self.acc.device
         ctx_ids, ctx_mask = (
             prompts.input_ids[ro.prompt_index],
@@ -412,7 +385,7 @@ class GFNTrainer:
                     prompts, chosen, ro, n_fresh = self._batch()
                     with self.acc.accumulate(self.policy):
                         with self.acc.autocast():
-                            loss, stats, log_r = self._loss(prompts, ro, tau)
+                            loss, stats, log_r = self._loss(prompts, chosen, ro, tau)
                         self.acc.backward(loss)
                         if cfg.max_grad_norm > 0 and self.acc.sync_gradients:
                             self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
