@@ -13,7 +13,8 @@ Methods:
 - :func:`smc_generate`: twisted SMC with adaptive resampling.
 - :func:`importance_generate`: the same without resampling (importance sampling;
   ``out.best()`` is best-of-N).
-- :func:`ancestral_generate`: plain draws from the LM (tempered/top-k/top-p), unweighted.
+- :func:`ancestral_generate`: plain draws from the LM (tempered/top-k/top-p), unweighted;
+  with a peft model, draws from the adapted model (the adapter as a plain sampler).
 - :func:`beam_generate`: beam search through ``model.generate``, unweighted.
 """
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -78,19 +81,70 @@ def _resolve_twist(twist, potential: Potential | None) -> Twist:
     raise ValueError(f"twist must be 'none', 'prefix' or a Twist instance, got {twist!r}")
 
 
-def _resolve_proposal(proposal) -> Proposal:
+def _is_peft(model) -> bool:
+    """A peft ``PeftModel`` (peft is only looked up when already imported: no peft model
+    can exist otherwise)."""
+    peft = sys.modules.get("peft")
+    cls = getattr(peft, "PeftModel", None)
+    return cls is not None and isinstance(model, cls)
+
+
+def _adapter_off(policy):
+    """A context-manager factory: ``policy.disable_adapter()`` that also restores the
+    ``requires_grad`` flags peft's re-enabling sets on a frozen (inference) adapter."""
+    params = list(policy.parameters())
+
+    @contextmanager
+    def off():
+        flags = [q.requires_grad for q in params]
+        try:
+            with policy.disable_adapter():
+                yield
+        finally:
+            for q, flag in zip(params, flags):
+                if q.requires_grad != flag:
+                    q.requires_grad_(flag)
+
+    return off
+
+
+def _shares_base(policy, model) -> bool:
+    """Whether ``model`` is the peft ``policy`` itself or runs through its base modules
+    (peft injects LoRA layers into the base model in place, so calling the base model
+    applies the adapter too)."""
+    base = policy.get_base_model()
+    return model is policy or model is base or (_is_peft(model) and model.get_base_model() is base)
+
+
+def _resolve_proposal(proposal, model) -> tuple[Proposal, object]:
+    """The proposal, and the context every forward of the target ``model`` runs in (the
+    adapter disabled when the proposal is a peft adapter on ``model``'s own weights)."""
+    if isinstance(proposal, str) and proposal == "adapter":
+        if not _is_peft(model):
+            raise ValueError(
+                "proposal='adapter' needs a peft model as `model` (e.g. from "
+                "llmsample.load_model(base, adapter=path) or llmsample.gfn.add_lora); got "
+                f"{type(model).__name__}. To use a separate proposal model pass it as "
+                "`proposal=` instead"
+            )
+        return ModelProposal(model), _adapter_off(model)
     if proposal is None:
-        return LMProposal()
-    if isinstance(proposal, Proposal):
-        return proposal
-    if proposal == "optimal":
-        return LocallyOptimal()
-    if isinstance(proposal, nn.Module):
-        return ModelProposal(proposal)
-    raise ValueError(
-        "proposal must be None, 'optimal', a Proposal or a causal LM, "
-        f"got {type(proposal).__name__}"
-    )
+        q = LMProposal()
+    elif isinstance(proposal, Proposal):
+        q = proposal
+    elif isinstance(proposal, str) and proposal == "optimal":
+        q = LocallyOptimal()
+    elif isinstance(proposal, nn.Module):
+        q = ModelProposal(proposal)
+    else:
+        got = repr(proposal) if isinstance(proposal, str) else type(proposal).__name__
+        raise ValueError(
+            f"proposal must be None, 'optimal', 'adapter', a Proposal or a causal LM, got {got}"
+        )
+    policy = q.model if isinstance(q, ModelProposal) else None
+    if _is_peft(policy) and _shares_base(policy, model):
+        return q, _adapter_off(policy)
+    return q, None
 
 
 def smc_generate(
@@ -119,7 +173,18 @@ def smc_generate(
     ``potential=None`` means phi = 1 (the target is the LM itself). ``twist`` is
     'none', 'prefix' (the potential's prefix scores) or a :class:`Twist`;
     ``proposal`` is None (the base LM), 'optimal' (q ∝ p·psi, needs token-level
-    twist scores), a :class:`Proposal`, or another causal LM sharing the tokenizer.
+    twist scores), a :class:`Proposal`, another causal LM sharing the tokenizer, or
+    'adapter' (below).
+
+    **LoRA adapters (peft).** A peft model as the proposal, e.g. a GFlowNet-tuned
+    ``policy``, is q with its adapter on. When ``model`` is that same peft model, or
+    its base model (``policy.get_base_model()``: peft injects the LoRA layers into it
+    in place, so calling it would apply the adapter too), p is the base model with the
+    adapter disabled: every target forward runs inside ``policy.disable_adapter()``
+    and the weights are exact, p_base·phi/q. ``proposal='adapter'`` is shorthand for
+    ``model=policy, proposal=policy``: ``model`` must be a peft model. Any other
+    ``model`` is used as it is; so is a peft ``model`` with no adapter proposal (then
+    p is the adapted model, as with ``ancestral_generate(policy, ...)``).
     """
     knobs = dict(
         num_particles=num_particles,
@@ -134,16 +199,18 @@ def smc_generate(
     )
     eos = _eos_ids(model, tokenizer, eos_token_id)
     batch = _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos)
+    q, model_context = _resolve_proposal(proposal, model)
     return run_smc(
         model,
         tokenizer,
         batch,
         potential,
         cfg,
-        proposal=_resolve_proposal(proposal),
+        proposal=q,
         twist=_resolve_twist(twist, potential),
         eos_token_ids=eos,
         method=_method,
+        model_context=model_context,
     )
 
 

@@ -15,6 +15,8 @@ runs in one forward pass per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -164,15 +166,24 @@ class LMSession:
 
     ``logp`` always holds the fp32 next-token log-probabilities of every row
     ([B*N, V]). ``forward_tokens`` counts the token positions pushed through the model
-    (padding included: that is what the compute pays for).
+    (padding included: that is what the compute pays for). ``context``, a callable
+    returning a context manager, wraps every forward (prefill and steps): e.g. a peft
+    model's ``disable_adapter`` to decode with the base model under a LoRA adapter.
     """
 
-    def __init__(self, model, prompts: PromptBatch, num_particles: int):
+    def __init__(
+        self,
+        model,
+        prompts: PromptBatch,
+        num_particles: int,
+        context: Callable[[], AbstractContextManager] | None = None,
+    ):
         self.model = model
+        self.context = context or nullcontext
         self.device = _device_of(model)
         prompts = prompts.to(self.device)
         B, P = prompts.input_ids.shape
-        with torch.inference_mode():
+        with self.context(), torch.inference_mode():
             out = model(
                 input_ids=prompts.input_ids,
                 attention_mask=prompts.attention_mask,
@@ -210,7 +221,7 @@ class LMSession:
             [self.attention_mask, self.attention_mask.new_ones((R, 1))], dim=1
         )
         self.positions = self.positions + 1
-        with torch.inference_mode():
+        with self.context(), torch.inference_mode():
             out = self.model(
                 input_ids=tokens[:, None],
                 attention_mask=self.attention_mask,

@@ -86,7 +86,12 @@ class LMProposal(Proposal):
 
 
 class ModelProposal(LMProposal):
-    """Another causal LM sharing the tokenizer (e.g. a LoRA policy) as the proposal."""
+    """Another causal LM sharing the tokenizer (e.g. a LoRA policy) as the proposal.
+
+    A peft model runs as it is, adapter on. When the target is that model's own base
+    (the same peft model, or ``get_base_model()``), ``smc_generate`` runs the target's
+    forwards with the adapter disabled, so the weights use p_base.
+    """
 
     def __init__(
         self, model, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None

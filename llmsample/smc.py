@@ -117,8 +117,10 @@ def run_smc(
     twist: Twist | None = None,
     eos_token_ids: list[int] | None = None,
     method: str = "smc",
+    model_context=None,
 ) -> SamplingOutput:
-    """Run SMC for every prompt of ``prompts``; see the module docstring."""
+    """Run SMC for every prompt of ``prompts``; see the module docstring. ``model_context``
+    (a context-manager factory) wraps every forward of ``model``, see :class:`LMSession`."""
     proposal = proposal or LMProposal()
     twist = twist or NoTwist()
     B, P = prompts.input_ids.shape
@@ -130,7 +132,7 @@ def run_smc(
             f"of {limit} positions; shorten the prompt or lower max_new_tokens"
         )
     V = vocab_size(model)
-    session = LMSession(model, prompts, N)
+    session = LMSession(model, prompts, N, context=model_context)
     device = session.device
     prompts = prompts.to(device)
     gen = None

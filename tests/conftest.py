@@ -27,3 +27,17 @@ def tokenizer():
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
 def model(request):
     return make_model(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state (mixed precision included): reset it after
+    each test so a trainer built in one test never leaks its settings into the next."""
+    yield
+    import sys
+
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
