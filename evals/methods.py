@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,10 @@ import llmsample
 from llmsample.lm import line_end_ids
 from llmsample.proposals import LMProposal
 
-__all__ = ["Method", "methods", "draws"]
+__all__ = ["Method", "methods", "draws", "ADAPTERS"]
+
+# GFlowNet LoRA policies trained by recipes/configs/gfn_<task>.yaml, one per task
+ADAPTERS = Path(__file__).resolve().parent / "adapters"
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,41 @@ def _smc(n, twist=False, resample=True, proposal=None):
     return run
 
 
+@lru_cache(maxsize=2)
+def _policy(model_name: str, task_name: str):
+    """The task's GFlowNet policy: its own copy of the base model plus the adapter, so
+    the base model that every other method (and every potential) uses stays clean."""
+    policy, _ = llmsample.load_model(model_name, adapter=str(ADAPTERS / task_name))
+    return policy
+
+
+def _gfn(k=8):
+    """Plain samples from the GFlowNet policy (unweighted, like ancestral sampling)."""
+
+    def run(model, tok, task, examples, seed):
+        return llmsample.ancestral_generate(
+            _policy(model.name_or_path, task.name),
+            tok,
+            [e.prompt for e in examples],
+            num_samples=k,
+            potential=task.potential(model, tok, examples),
+            **_common(model, tok, task, examples, seed),
+        )
+
+    return run
+
+
+def _smc_gfn(n, twist=False):
+    """SMC on the base model with the GFlowNet policy as proposal: exact weights p phi / q."""
+
+    def run(model, tok, task, examples, seed):
+        return _smc(n, twist=twist, proposal=_policy(model.name_or_path, task.name))(
+            model, tok, task, examples, seed
+        )
+
+    return run
+
+
 # particle counts per task: keywords is a rare event for the tiny model (a line with
 # 2-3 given words has probability ~1e-4..1e-2), so it gets more particles
 SIZES = {"line-infill": [8, 16, 32], "keywords": [16, 64, 256]}
@@ -104,6 +144,9 @@ def methods(task_name: str, quick: bool = False) -> list[Method]:
     out.append(Method("importance", f"N={sizes[-1]}", _smc(sizes[-1], resample=False)))
     out += [Method("smc", f"N={n}", _smc(n)) for n in sizes]
     out += [Method("smc-twist", f"N={n}", _smc(n, twist=True)) for n in sizes[-2:]]
+    if (ADAPTERS / task_name / "adapter_config.json").is_file():
+        out.append(Method("gfn", "K=8", _gfn()))
+        out += [Method("smc-gfn", f"N={n}", _smc_gfn(n)) for n in sizes[-2:]]
     return out
 
 
