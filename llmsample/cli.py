@@ -26,7 +26,12 @@ class UsageError(Exception):
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="shakespeare-tiny", help="embedded name, folder or hub id")
-    p.add_argument("--adapter", default=None, help="a peft adapter folder to load on top")
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a peft adapter folder (e.g. a GFlowNet policy): smc/importance use it as the "
+        "proposal with the base model as target; ancestral samples it",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
@@ -112,7 +117,7 @@ def run_generate(args) -> dict:
     import llmsample
     from llmsample.lm import line_end_ids
     from llmsample.potentials import SuffixLikelihood
-    from llmsample.proposals import LMProposal
+    from llmsample.proposals import LMProposal, ModelProposal
 
     if args.method == "beam" and args.temperature != 1.0:
         raise UsageError("--temperature has no effect with --method beam; drop one of them")
@@ -123,8 +128,13 @@ def run_generate(args) -> dict:
     except ValueError as err:
         raise UsageError(str(err)) from None
     model, tok = load_for_cli(args)
+    scorer = model
+    if args.adapter is not None:  # potentials score with the base model, adapter off
+        from llmsample.gfn import BaseView
+
+        scorer = BaseView(model)
     if args.infill_suffix is not None:
-        parts.append(SuffixLikelihood(model, tok, args.infill_suffix.replace("\\n", "\n")))
+        parts.append(SuffixLikelihood(scorer, tok, args.infill_suffix.replace("\\n", "\n")))
     potential = _product(parts)
     prompt = args.prompt.replace("\\n", "\n")
     eos = line_end_ids(tok) if args.line else None
@@ -154,7 +164,9 @@ def run_generate(args) -> dict:
                 [prompt],
                 potential=potential,
                 num_particles=args.particles,
-                proposal=LMProposal(args.temperature),
+                proposal=ModelProposal(model, args.temperature)
+                if args.adapter is not None
+                else LMProposal(args.temperature),
                 seed=args.seed,
                 progress=True,
                 **common,

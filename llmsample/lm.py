@@ -283,12 +283,15 @@ def teacher_force(
             use_cache=False,
             output_hidden_states=hidden,
         )
-        logp = torch.log_softmax(out.logits[:, P - 1 : P + T].float(), dim=-1)  # [R, T+1, V]
-        tok = logp[:, :T].gather(-1, continuation_ids.to(device)[..., None])[..., 0]  # [R, T]
+        logits = out.logits[:, P - 1 : P + T].float()  # [R, T+1, V]
+        norm = logits.logsumexp(-1)  # [R, T+1]; no [R, T+1, V] log-softmax kept for backward
+        ids = continuation_ids.to(device)[..., None]
+        tok = logits[:, :T].gather(-1, ids)[..., 0] - norm[:, :T]  # [R, T]
         tok = torch.where(continuation_mask.to(device).bool(), tok, torch.zeros_like(tok))
         stop = None
         if stop_ids:
-            stop = logp[..., torch.as_tensor(stop_ids, device=device)].logsumexp(-1)  # [R, T+1]
+            sid = torch.as_tensor(stop_ids, device=device)
+            stop = logits[..., sid].logsumexp(-1) - norm  # [R, T+1]
         h = out.hidden_states[-1][:, P - 1].float() if hidden else None  # [R, H]
         return TeacherForced(tok, stop, h)
 

@@ -191,3 +191,27 @@ def test_cli_as_a_subprocess_has_no_traceback():
     )
     assert proc.returncode == 2
     assert "invalid regular expression" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_adapter_is_the_proposal_and_the_base_is_the_target(capsys, tiny, tmp_path):
+    """--adapter loads a saved peft adapter and SMC runs with it as the proposal: a
+    zero-initialized LoRA (q = p_base) reproduces the run without it exactly; a missing
+    adapter is a one-line usage error. (That the target is the base model with the
+    adapter off is checked exactly in test_adapter_proposal.py.)"""
+    from llmsample.gfn import GFNConfig, add_lora
+
+    base, _ = llmsample.load_model("shakespeare-tiny")
+    policy = add_lora(base, GFNConfig(lora_rank=4))
+    policy.save_pretrained(str(tmp_path / "zero"))
+    argv = ["generate", "ROMEO:\\n", "--particles", "8", "--max-new-tokens", "6"]
+    argv += ["--contains", "the", "--json", "--seed", "3"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    plain = json.loads(out)
+    code, out, err = run_cli(capsys, *argv, "--adapter", str(tmp_path / "zero"))
+    assert code == 0, err
+    with_zero = json.loads(out)
+    assert with_zero["log_z"] == pytest.approx(plain["log_z"], abs=1e-4)
+    assert [s["text"] for s in with_zero["samples"]] == [s["text"] for s in plain["samples"]]
+    code, out, err = run_cli(capsys, *argv, "--adapter", str(tmp_path / "missing"))
+    assert code == 2 and "missing" in err

@@ -147,7 +147,7 @@ def policy_diagnostics(
     - ``log_reward``, ``unique`` (distinct sequences / K).
     """
     batch = encode_prompts(tokenizer, prompts)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
     ro = sample_rollouts(policy, batch, num_samples, max_new_tokens, stop_ids, generator=gen)
     ro = Rollouts(*(getattr(ro, f).cpu() for f in Rollouts.__dataclass_fields__))
     ctx = batch.input_ids[ro.prompt_index], batch.attention_mask[ro.prompt_index]

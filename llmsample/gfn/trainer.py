@@ -170,7 +170,9 @@ class GFNTrainer:
         )
         self.policy.eval()  # no dropout, ever: every loss needs the exact log q of the policy
         self.replay = ReplayBuffer(cfg.replay_capacity)
-        self.gen = torch.Generator().manual_seed(cfg.seed + self.acc.process_index)
+        seed = cfg.seed + self.acc.process_index
+        self.gen = torch.Generator().manual_seed(seed)  # host-side choices (prompts, replay)
+        self.sample_gen = torch.Generator(device=self.acc.device).manual_seed(seed)  # rollouts
         self.step = 0
         self.elapsed = 0.0
 
@@ -202,7 +204,7 @@ class GFNTrainer:
             self.stop_ids,
             temperature=temp,
             epsilon=cfg.epsilon(self.step),
-            generator=self.gen,
+            generator=self.sample_gen,
         )
         parts = [Rollouts(*(getattr(fresh, f).cpu() for f in Rollouts.__dataclass_fields__))]
         if k_r:
@@ -304,7 +306,12 @@ class GFNTrainer:
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
             torch.save(
-                {"replay": self.replay.state_dict(), "gen": self.gen.get_state()}, tmp / "gfn.pt"
+                {
+                    "replay": self.replay.state_dict(),
+                    "gen": self.gen.get_state(),
+                    "sample_gen": self.sample_gen.get_state(),
+                },
+                tmp / "gfn.pt",
             )
             state = dict(step=self.step, elapsed=self.elapsed)
             (tmp / DONE).write_text(json.dumps(state))
@@ -324,6 +331,7 @@ class GFNTrainer:
         extra = torch.load(path / "gfn.pt", weights_only=False)
         self.replay.load_state_dict(extra["replay"])
         self.gen.set_state(extra["gen"])
+        self.sample_gen.set_state(extra["sample_gen"])
         state = json.loads((path / DONE).read_text())
         self.step, self.elapsed = state["step"], state["elapsed"]
         return True
