@@ -11,8 +11,10 @@ error of log Z_hat, and, where q is tractable (ancestral sampling, q = p; the GF
 policy), the exact KL(q||sigma) and KL(sigma||q).
 
 The ``gfn`` rows sample a LoRA policy trained here with ``llmsample.gfn`` (modified SubTB,
-a few hundred steps, seconds on CPU; checkpoints in ``<out>/gfn``); ``smc-gfn`` runs SMC
-on the base model with that policy as the proposal.
+a few hundred steps, seconds on CPU; checkpoints in ``<out>/gfn``); ``gfn-is`` weights
+the policy's samples by p phi / q (importance sampling with the policy as the proposal:
+SMC with the policy's own implied flow as the twist reduces to it, while SMC with no
+twist would resample on p/q prefix ratios and undo the policy).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def run_exact(out_dir: Path, seeds=(0, 1, 2), quick: bool = False, command: str 
     policy = _train_policy(model, tok, phi, out_dir, quick)
     policy_q = [enumerate_target(policy, tok, p, None, T, TOY_EOS).log_p for p in PROMPTS]
     grid += [("gfn", n, dict(reweight=False, policy=True)) for n in sizes]
-    grid += [("smc-gfn", n, dict(proposal=policy)) for n in sizes]
+    grid += [("gfn-is", n, dict(proposal=policy, ess_threshold=0.0)) for n in sizes]
     rows = []
     for name, n, extra in grid:
         cell = dict(method=name, knob=f"N={n}", tv=[], floor=[], log_z_err=[], log_z=[])

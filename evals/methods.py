@@ -117,13 +117,18 @@ def _gfn(k=8):
     return run
 
 
-def _smc_gfn(n, twist=False):
-    """SMC on the base model with the GFlowNet policy as proposal: exact weights p phi / q."""
+def _gfn_is(n):
+    """The GFlowNet policy as the proposal, weights p_base phi / q (importance sampling).
+
+    No resampling: without a twist, SMC's intermediate weights p(x_<=t) / q(x_<=t) would
+    pull particles back towards the base model's prefix marginals, undoing the policy.
+    (With the policy's own implied flow as the twist every intermediate weight is 1, and
+    SMC reduces to exactly this.)
+    """
 
     def run(model, tok, task, examples, seed):
-        return _smc(n, twist=twist, proposal=_policy(model.name_or_path, task.name))(
-            model, tok, task, examples, seed
-        )
+        policy = _policy(model.name_or_path, task.name)
+        return _smc(n, resample=False, proposal=policy)(model, tok, task, examples, seed)
 
     return run
 
@@ -146,7 +151,7 @@ def methods(task_name: str, quick: bool = False) -> list[Method]:
     out += [Method("smc-twist", f"N={n}", _smc(n, twist=True)) for n in sizes[-2:]]
     if (ADAPTERS / task_name / "adapter_config.json").is_file():
         out.append(Method("gfn", "K=8", _gfn()))
-        out += [Method("smc-gfn", f"N={n}", _smc_gfn(n)) for n in sizes[-2:]]
+        out += [Method("gfn-is", f"N={n}", _gfn_is(n)) for n in sizes[-2:]]
     return out
 
 
