@@ -31,12 +31,23 @@ on continuations x of length <= T that end in EOS or are cut at T (a cut
 continuation counts as complete, with probability p of its T tokens): for any f,
 sum_i w_i f(x_i) is consistent for E_sigma[f], and exp(log Z) is unbiased for Z(c).
 A prompt whose particles are all rejected gets ``log_z = -inf`` and a warning.
+
+**Conditional SMC** (``reference=``): row 0 of each prompt is clamped to a given complete
+continuation x*: it takes x*'s tokens instead of proposed ones (weighted with the same
+incremental formula, log q of x*'s tokens included) and, while it runs, it is its own
+ancestor at every resampling; the other running rows draw their ancestors iid from the
+whole pool, row 0 included (conditional multinomial resampling). With x* ~ sigma,
+E[log Z_hat] >= log Z: an upper bound, where plain SMC gives the lower bound
+E[log Z_hat] <= log Z (see :mod:`llmsample.bounds`). In a conditional run every resampling
+is multinomial, whatever ``cfg.resampling`` says (the conditional draws of the other
+schemes are not implemented): it is the conditional SMC of multinomial SMC.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +117,44 @@ def _put(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, all_rows: 
     return out
 
 
+def _reference_tokens(reference, B: int, T: int, V: int, eos: torch.Tensor, pad: int):
+    """Validate ``reference`` (B complete continuations) and return it as [B, T] token ids,
+    padded with ``pad`` after each continuation's end."""
+    if len(reference) != B:
+        raise ValueError(f"reference has {len(reference)} continuations for {B} prompts")
+    eos_set = set(eos.tolist())
+    out = torch.full((B, T), pad, dtype=torch.long)
+    for b, seq in enumerate(reference):
+        seq = torch.as_tensor(seq).flatten().tolist()
+        if not 1 <= len(seq) <= T or not all(isinstance(v, int) and 0 <= v < V for v in seq):
+            raise ValueError(
+                f"reference {b} must be 1 to max_new_tokens={T} token ids in [0, {V}), got {seq}"
+            )
+        ends = [i for i, v in enumerate(seq) if v in eos_set]
+        if ends and ends[0] != len(seq) - 1:
+            raise ValueError(
+                f"reference {b} has tokens after its EOS at position {ends[0]}: {seq}; give "
+                "the continuation up to and including its first EOS"
+            )
+        if not ends and len(seq) != T:
+            raise ValueError(
+                f"reference {b} is not a complete continuation: it neither ends with an EOS "
+                f"id {sorted(eos_set)} nor has max_new_tokens={T} tokens ({len(seq)} given)"
+            )
+        out[b, : len(seq)] = torch.tensor(seq)
+    return out
+
+
+def _conditional_multinomial(log_w: torch.Tensor, clamped: torch.Tensor, gen) -> torch.Tensor:
+    """Multinomial ancestors [G, n] for pools log_w [G, n], iid and unsorted; where
+    ``clamped`` [G], slot 0 (the reference) keeps itself, so the other n - 1 are iid draws
+    from the whole pool given it: exact conditional multinomial resampling."""
+    w = log_normalize(log_w).exp()
+    anc = torch.multinomial(w, log_w.shape[1], replacement=True, generator=gen)
+    anc[:, 0] = torch.where(clamped, 0, anc[:, 0])
+    return anc
+
+
 def run_smc(
     model,
     tokenizer,
@@ -118,9 +167,14 @@ def run_smc(
     eos_token_ids: list[int] | None = None,
     method: str = "smc",
     model_context=None,
+    reference: Sequence[Sequence[int] | torch.Tensor] | None = None,
 ) -> SamplingOutput:
     """Run SMC for every prompt of ``prompts``; see the module docstring. ``model_context``
-    (a context-manager factory) wraps every forward of ``model``, see :class:`LMSession`."""
+    (a context-manager factory) wraps every forward of ``model``, see :class:`LMSession`.
+
+    ``reference``: one complete continuation per prompt (token ids ending with an EOS id,
+    or exactly ``max_new_tokens`` ids without one), which makes this a conditional SMC run
+    with row 0 of each prompt clamped to it (module docstring)."""
     proposal = proposal or LMProposal()
     twist = twist or NoTwist()
     B, P = prompts.input_ids.shape
@@ -132,13 +186,18 @@ def run_smc(
             f"of {limit} positions; shorten the prompt or lower max_new_tokens"
         )
     V = vocab_size(model)
+    eos = torch.as_tensor(eos_token_ids or [], dtype=torch.long)
+    ref = None
+    if reference is not None:
+        ref = _reference_tokens(reference, B, T, V, eos, prompts.pad_token_id)
     session = LMSession(model, prompts, N, context=model_context)
     device = session.device
     prompts = prompts.to(device)
     gen = None
     if cfg.seed is not None:
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    eos = torch.as_tensor(eos_token_ids or [], dtype=torch.long, device=device)
+    eos = eos.to(device)
+    ref = ref.to(device) if ref is not None else None
     proposal.start(prompts, N, V)
     twist.start(prompts, N)
     potential_tokens_before = getattr(potential, "forward_tokens", 0)
@@ -158,7 +217,8 @@ def run_smc(
 
     buf = torch.full((R, T), prompts.pad_token_id, dtype=torch.long, device=device)
     tokens = buf[:, :0]
-    invalid = torch.zeros(2, dtype=torch.bool, device=device)  # NaN/+inf from twist, potential
+    # NaN/+inf from twist, potential; a reference whose weight is not finite
+    invalid = torch.zeros(3, dtype=torch.bool, device=device)
 
     for t in tqdm(range(T), desc=method, disable=not cfg.progress, leave=False):
         x = view(tokens, lengths)
@@ -166,6 +226,8 @@ def run_smc(
         logp = session.logp  # [R, V]
         logq = proposal.log_probs(logp, x, scores)  # [R, V]
         new = torch.multinomial(logq.exp().float(), 1, generator=gen)[:, 0]  # [R]
+        if ref is not None:
+            new.view(B, N)[:, 0] = ref[:, t]  # the clamped rows (pad once they have ended)
         active = ~finished
         new = torch.where(active, new, prompts.pad_token_id)
         done_now = active & (torch.isin(new, eos) | (t == T - 1))
@@ -199,6 +261,8 @@ def run_smc(
             alive = torch.isfinite(log_w.view(R))  # dead rows stay -inf, never NaN
             inc = torch.where(active & alive, inc, torch.zeros_like(inc))
             log_w = log_w + inc.view(B, N)
+            if ref is not None:
+                invalid[2] |= ~torch.isfinite(log_w[:, 0]).all()
         log_psi = torch.where(active, new_psi, log_psi)
         finished = finished | done_now
 
@@ -210,12 +274,19 @@ def run_smc(
         can = torch.isfinite(log_w_run.logsumexp(dim=1))  # some running row has weight > 0
         need = can & (ess(log_w_run) < cfg.ess_threshold * n_run) & (t < T - 1)
         resampled_trace.append(need)
-        any_need, all_done, bad_twist, bad_potential = torch.cat(
+        any_need, all_done, bad_twist, bad_potential, bad_ref = torch.cat(
             [torch.stack([need.any(), finished.all()]), invalid]
         ).tolist()
         if bad_twist or bad_potential:
             what = "twist.prefix" if bad_twist else "potential.complete"
             raise ValueError(f"{what} returned NaN or +inf; log scores must be finite or -inf")
+        if bad_ref:
+            bad = (~torch.isfinite(log_w[:, 0])).nonzero().flatten().tolist()
+            raise ValueError(
+                f"the reference of prompt(s) {bad} got a weight of 0, +inf or NaN at step {t}: "
+                "the target or the twist gives it probability 0, or the proposal cannot draw "
+                "one of its tokens; a reference must be a draw from sigma"
+            )
         if any_need:
             index = torch.arange(R, device=device)
             # a prompt's running rows first, in order: its pool is the first |A| columns
@@ -227,7 +298,10 @@ def run_smc(
                 bs = (sizes == n).nonzero()  # [G, 1]
                 slots = order[bs[:, 0], :n]  # [G, n] their running rows
                 lw = log_w[bs, slots]  # [G, n]
-                anc = resample(lw, cfg.resampling, gen)  # [G, n] positions in the pool
+                if ref is None:
+                    anc = resample(lw, cfg.resampling, gen)  # [G, n] positions in the pool
+                else:  # the reference, while running, is slot 0 of its pool
+                    anc = _conditional_multinomial(lw, running_bn[bs[:, 0], 0], gen)
                 index[bs * N + slots] = bs * N + slots.gather(1, anc)
                 log_w[bs, slots] = lw.logsumexp(dim=1, keepdim=True) - math.log(n)
             buf, lengths = buf[index], lengths[index]

