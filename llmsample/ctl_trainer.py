@@ -1,0 +1,446 @@
+"""CTLTrainer / train_ctl: train a :class:`~llmsample.twist_head.TwistHead` with the CTL
+objective of :mod:`llmsample.ctl` (the loss and its math live there).
+
+    head = train_ctl(model, tok, prompts, potential, head, CTLConfig(out_dir="out/ctl"))
+
+Each step alternates sampling (positives from ``smc_generate`` with the current twist,
+negatives from q_psi or p) and an AdamW step on the head; the base model stays frozen.
+Checkpoints (head, optimizer, step, RNG) go to ``out_dir/checkpoints`` every
+``save_every`` steps and at ``max_minutes``; a rerun resumes from the newest. The head
+is exported to ``out_dir/twist_head.pt`` (``TwistHead.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from llmsample.ctl import base_states, ctl_loss, lengths_of
+from llmsample.lm import encode_prompts
+from llmsample.particles import Particles
+from llmsample.potentials import PerPrompt, Potential
+from llmsample.twist_head import LearnedTwist, TwistHead
+
+__all__ = ["CTLConfig", "CTLTrainer", "train_ctl"]
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class CTLConfig:
+    """Knobs of :class:`CTLTrainer` (validated on construction)."""
+
+    steps: int = _help("optimizer steps", 300)
+    prompts_per_step: int = _help("prompts per step", 2)
+    num_particles: int = _help("positives: SMC particles (or IS draws) per prompt per step", 64)
+    num_negatives: int = _help("negatives: draws per prompt per step", 128)
+    negatives: str = _help(
+        "twisted: draws from q ∝ p·psi (covers where psi is large: self-correcting) | "
+        "base: ancestral draws from p",
+        "twisted",
+    )
+    positives: str = _help(
+        "smc (SMC with the current twist) | importance (no resampling) for the positives", "smc"
+    )
+    proposal: str = _help("proposal of the positive runs: base (p) | optimal (q ∝ p·psi)", "base")
+    ess_threshold: float = _help("resampling threshold of the positive SMC runs", 0.5)
+    max_new_tokens: int = _help("T: continuations end at EOS or after T tokens", 32)
+    lr: float = _help("AdamW learning rate of the head", 3e-3)
+    lr_schedule: str = _help("constant | cosine (decays to 0 at the last step)", "cosine")
+    weight_decay: float = _help("AdamW weight decay of the head", 0.0)
+    max_grad_norm: float = _help("gradient clipping norm (0 = off)", 1.0)
+    seed: int = _help("seed of prompt choice and sampling", 0)
+    out_dir: str = _help("checkpoints, metrics.jsonl and twist_head.pt go here", "out/twist_ctl")
+    save_every: int = _help("checkpoint every this many steps (0 = only at the end)", 50)
+    keep_checkpoints: int = _help("checkpoints kept on disk", 2)
+    log_every: int = _help("log training metrics every this many steps", 10)
+    eval_every: int = _help("run the evaluation callback every this many steps (0 = end)", 0)
+    max_minutes: float = _help("stop (with a checkpoint) after this wall time (0 = no limit)", 0.0)
+    progress: bool = _help("show a progress bar", True)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "num_particles", "num_negatives"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 2:
+            raise ValueError(
+                f"max_new_tokens must be an integer >= 2 (a twist acts between steps), "
+                f"got {self.max_new_tokens!r}"
+            )
+        if self.positives not in ("smc", "importance"):
+            raise ValueError(f"positives must be 'smc' or 'importance', got {self.positives!r}")
+        if self.negatives not in ("twisted", "base"):
+            raise ValueError(f"negatives must be 'twisted' or 'base', got {self.negatives!r}")
+        if self.proposal not in ("base", "optimal"):
+            raise ValueError(f"proposal must be 'base' or 'optimal', got {self.proposal!r}")
+        if not self.ess_threshold >= 0:
+            raise ValueError(f"ess_threshold must be >= 0, got {self.ess_threshold}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+        if not self.lr > 0 or not self.weight_decay >= 0 or not self.max_grad_norm >= 0:
+            raise ValueError("lr must be > 0, weight_decay and max_grad_norm >= 0")
+        for name in ("save_every", "log_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.log_every == 0:
+            raise ValueError("log_every must be >= 1")
+        if self.keep_checkpoints < 1 or not self.max_minutes >= 0:
+            raise ValueError("keep_checkpoints must be >= 1 and max_minutes >= 0")
+
+
+class CTLTrainer:
+    """Train ``head`` (a :class:`TwistHead` on the frozen ``model``) by CTL; see the module
+    docstring. ``potential`` is one Potential or one per prompt; ``evaluate(head, step)``
+    returns a dict of metrics logged to ``metrics.jsonl``."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        prompts: list[str],
+        potential: Potential | Sequence[Potential] | None,
+        head: TwistHead,
+        cfg: CTLConfig,
+        *,
+        eos_token_ids: list[int] | None = None,
+        evaluate: Callable[[TwistHead, int], dict] | None = None,
+    ):
+        from accelerate import Accelerator
+
+        if not prompts:
+            raise ValueError("CTLTrainer needs at least one prompt")
+        if isinstance(potential, Sequence) and len(potential) != len(prompts):
+            raise ValueError(
+                f"got {len(potential)} per-prompt potentials for {len(prompts)} prompts"
+            )
+        self.eos = list(eos_token_ids or [tokenizer.eos_token_id])
+        if any(e is None for e in self.eos):
+            raise ValueError("the tokenizer has no EOS token; pass eos_token_ids=")
+        self.cfg, self.tokenizer, self.prompts, self.potential = cfg, tokenizer, prompts, potential
+        self.evaluate = evaluate
+        self.out = Path(cfg.out_dir)
+        self.acc = Accelerator()  # DDP over processes under `accelerate launch`
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.to(self.acc.device).eval()
+        self.opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = cfg.steps
+
+        def factor(step: int) -> float:
+            if cfg.lr_schedule == "constant":
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
+        self.head, self.opt = self.acc.prepare(head, self.opt)
+        self.gen = torch.Generator().manual_seed(cfg.seed + self.acc.process_index)
+        self.step, self.elapsed = 0, 0.0
+
+    @property
+    def unwrapped(self) -> TwistHead:
+        return self.acc.unwrap_model(self.head)
+
+    # ------------------------------------------------------------------ one batch
+    def _potential(self, chosen: list[int]) -> Potential | None:
+        if isinstance(self.potential, Sequence):
+            return PerPrompt([self.potential[i] for i in chosen])
+        return self.potential
+
+    def _complete(self, potential, x: Particles) -> Tensor:
+        if potential is None or x.num_rows == 0:
+            return torch.zeros(x.num_rows, dtype=torch.float64, device=x.device)
+        return potential.complete(x).to(dtype=torch.float64, device=x.device)
+
+    def batch_loss(self) -> tuple[Tensor, dict]:
+        """Sample positives and negatives for a few prompts; the CTL loss and statistics."""
+        from llmsample.generate import ancestral_generate, smc_generate
+        from llmsample.smc import SMCConfig
+
+        cfg = self.cfg
+        n = min(cfg.prompts_per_step, len(self.prompts))
+        chosen = torch.randperm(len(self.prompts), generator=self.gen)[:n].tolist()
+        texts = [self.prompts[i] for i in chosen]
+        seeds = torch.randint(0, 2**31 - 1, (2,), generator=self.gen).tolist()
+        potential = self._potential(chosen)
+        T, S, K, M = (
+            cfg.max_new_tokens,
+            cfg.max_new_tokens - 1,
+            cfg.num_particles,
+            cfg.num_negatives,
+        )
+        twist = LearnedTwist(self.model, self.unwrapped, potential)
+        pos = smc_generate(
+            self.model,
+            self.tokenizer,
+            texts,
+            potential=potential,
+            twist=twist,
+            proposal="optimal" if cfg.proposal == "optimal" else None,
+            num_particles=K,
+            max_new_tokens=T,
+            ess_threshold=cfg.ess_threshold if cfg.positives == "smc" else 0.0,
+            seed=seeds[0],
+            eos_token_id=self.eos,
+        )
+        if cfg.negatives == "twisted":  # plain draws from q ∝ p·psi (no weights, no resampling)
+            neg = smc_generate(
+                self.model,
+                self.tokenizer,
+                texts,
+                potential=potential,
+                twist=twist,
+                proposal="optimal",
+                num_particles=M,
+                max_new_tokens=T,
+                seed=seeds[1],
+                eos_token_id=self.eos,
+                config=SMCConfig(reweight=False),
+            )
+        else:
+            neg = ancestral_generate(
+                self.model,
+                self.tokenizer,
+                texts,
+                num_samples=M,
+                max_new_tokens=T,
+                seed=seeds[1],
+                eos_token_id=self.eos,
+            )
+        prompts = encode_prompts(self.tokenizer, texts)
+        device = self.acc.device
+        B = len(texts)
+        pad = prompts.pad_token_id
+
+        def tokens_of(out) -> Tensor:
+            c = out.continuations.reshape(-1, out.continuations.shape[-1])
+            if c.shape[1] < T:
+                c = torch.cat([c, c.new_full((c.shape[0], T - c.shape[1]), pad)], dim=1)
+            return c.to(device)
+
+        pos_tok, neg_tok = tokens_of(pos), tokens_of(neg)  # [B*K, T], [B*M, T]
+        pos_len, neg_len = lengths_of(pos_tok, self.eos), lengths_of(neg_tok, self.eos)
+        index = torch.arange(B, device=device)
+        pi = torch.cat([index.repeat_interleave(K), index.repeat_interleave(M)])
+        hidden, logp = base_states(self.model, prompts, pi, torch.cat([pos_tok, neg_tok]), S)
+        scores = self.head(hidden)  # [B*(K+M), S, V], with grad
+        V = scores.shape[-1]
+        steps = torch.arange(1, S + 1, device=device)  # t = 1..S
+        # positives: log psi_t(x_<=t), or log phi where the row completed at t
+        pos_scores = scores[: B * K].double()
+        gathered = pos_scores.gather(2, pos_tok[:, :S, None])[..., 0]  # [B*K, S]
+        log_phi = pos.log_potential
+        log_phi = (
+            torch.zeros(B * K, dtype=torch.float64, device=device)
+            if log_phi is None
+            else log_phi.reshape(-1).to(device)
+        )
+        done_at = steps[None, :] == pos_len[:, None]
+        pos_log_psi = torch.where(done_at, log_phi[:, None], gathered)
+        pos_mask = steps[None, :] <= pos_len[:, None]
+        # negatives: every next token of each running parent, EOS columns log phi
+        neg_scores = scores[B * K :].double()  # [B*M, S, V]
+        neg_mask = steps[None, :] <= neg_len[:, None]
+        eos_t = torch.as_tensor(self.eos, device=device)
+        fill = torch.zeros(B * M, S, V, dtype=torch.float64, device=device)
+        is_eos = torch.zeros(V, dtype=torch.bool, device=device)
+        is_eos[eos_t] = True
+        prompt_rows = index.repeat_interleave(M)
+        for t in range(1, S + 1):
+            rows = neg_mask[:, t - 1].nonzero()[:, 0]
+            for e in self.eos:
+                toks = torch.cat([neg_tok[rows, : t - 1], torch.full_like(rows, e)[:, None]], dim=1)
+                x = Particles(
+                    toks,
+                    torch.full_like(rows, t),
+                    prompt_rows[rows],
+                    prompts.to(device),
+                    self.tokenizer,
+                    eos_t,
+                    T,
+                    V,
+                )
+                fill[rows, t - 1, e] = self._complete(potential, x)
+        neg_scores = torch.where(is_eos, fill, neg_scores)
+        neg_logp = logp[B * K :].double()
+        neg_log_w = None
+        if cfg.negatives == "twisted":
+            # (p/q)(x_<t) = prod_{s<t} p(x_s)/q(x_s), q ∝ p·psi as the sampler computed it
+            log_q = torch.log_softmax(neg_logp + neg_scores, dim=-1).detach()
+            nxt = neg_tok[:, : S - 1, None]
+            lpq = (neg_logp[:, : S - 1].gather(2, nxt) - log_q[:, : S - 1].gather(2, nxt))[..., 0]
+            real = steps[None, : S - 1] < neg_len[:, None]  # x_s is a real non-EOS token
+            lpq = torch.where(real, lpq, 0.0)
+            neg_log_w = torch.cat([lpq.new_zeros(B * M, 1), lpq.cumsum(1)], dim=1).view(B, M, S)
+        loss = ctl_loss(
+            pos_log_psi.view(B, K, S),
+            pos.log_weights_unnormalized.to(device),
+            pos_mask.view(B, K, S),
+            neg_scores.view(B, M, S, V),
+            neg_logp.view(B, M, S, V),
+            neg_mask.view(B, M, S),
+            neg_log_w,
+        )
+        ess = torch.exp(-torch.logsumexp(2 * pos.log_weights, dim=1))
+        stats = dict(
+            log_z=float(pos.log_z.mean()),
+            ess=float(ess.mean()),
+            resample_rate=float(pos.resampled.float().mean()),
+        )
+        return loss, stats
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoints(self) -> list[Path]:
+        folder = self.out / "checkpoints"
+        found = list(folder.glob("step_*.pt")) if folder.is_dir() else []
+        return sorted(found, key=lambda p: int(p.stem.split("_")[1]))
+
+    def save(self) -> Path:
+        folder = self.out / "checkpoints"
+        path = folder / f"step_{self.step:07d}.pt"
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            state = dict(
+                head=self.unwrapped.state_dict(),
+                head_config=self.unwrapped.config,
+                opt=self.opt.state_dict(),
+                sched=self.sched.state_dict(),
+                step=self.step,
+                elapsed=self.elapsed,
+                gen=self.gen.get_state(),
+                torch_rng=torch.get_rng_state(),
+            )
+            tmp = path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
+            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+        self.acc.wait_for_everyone()
+        return path
+
+    def resume(self) -> bool:
+        found = self._checkpoints()
+        if not found:
+            return False
+        state = torch.load(found[-1], map_location="cpu", weights_only=False)
+        if state["head_config"] != self.unwrapped.config:
+            raise ValueError(
+                f"checkpoint {found[-1]} holds a head {state['head_config']}, not "
+                f"{self.unwrapped.config}; use another out_dir"
+            )
+        self.unwrapped.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        return True
+
+    def export(self) -> Path:
+        path = self.out / "twist_head.pt"
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.unwrapped.save(path)
+        self.acc.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        result = self.evaluate(self.unwrapped, self.step)
+        self._log(dict(event="eval", step=self.step, **result))
+        return result
+
+    def train(self) -> dict:
+        """Run to ``cfg.steps`` (resuming if a checkpoint exists); returns the last eval."""
+        cfg = self.cfg
+        resumed = self.resume()
+        self._log(dict(event="resume" if resumed else "start", step=self.step))
+        last = {} if resumed else self._eval()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="ctl",
+            disable=not cfg.progress or not self.acc.is_main_process,
+        )
+        start = time.monotonic() - self.elapsed
+        stopped = False
+        while self.step < cfg.steps:
+            t0 = time.monotonic()
+            self.head.train()
+            loss, stats = self.batch_loss()
+            self.acc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                self.acc.clip_grad_norm_(self.head.parameters(), cfg.max_grad_norm)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad()
+            self.step += 1
+            self.elapsed = time.monotonic() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3g}", ess=f"{stats['ess']:.1f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                rec = dict(event="train", step=self.step, loss=float(loss.detach()), **stats)
+                rec.update(step_s=time.monotonic() - t0, elapsed_s=self.elapsed)
+                self._log(rec)
+            timed_out = cfg.max_minutes and self.elapsed > 60 * cfg.max_minutes
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                last = self._eval()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or timed_out:
+                self.save()
+            if timed_out:
+                stopped = True
+                break
+        bar.close()
+        if not stopped:
+            self.save()
+            last = self._eval()
+            self.export()
+        self._log(dict(event="stop" if stopped else "done", step=self.step, elapsed_s=self.elapsed))
+        return dict(last, step=self.step, finished=not stopped)
+
+
+def train_ctl(
+    model,
+    tokenizer,
+    prompts: list[str],
+    potential: Potential | Sequence[Potential] | None,
+    head: TwistHead,
+    cfg: CTLConfig,
+    *,
+    eos_token_ids: list[int] | None = None,
+    evaluate: Callable[[TwistHead, int], dict] | None = None,
+) -> dict:
+    """Train ``head`` in place by CTL (resuming from ``cfg.out_dir``); the last evaluation."""
+    trainer = CTLTrainer(
+        model,
+        tokenizer,
+        prompts,
+        potential,
+        head,
+        cfg,
+        eos_token_ids=eos_token_ids,
+        evaluate=evaluate,
+    )
+    return trainer.train()

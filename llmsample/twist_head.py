@@ -1,0 +1,289 @@
+"""A learned twist: a small head on the frozen base LM's last hidden state.
+
+From the base model's last-layer state h(c, x_<t) after the prompt c and the tokens
+x_<t, the head gives log psi of *every* one-token extension at once:
+
+    s(x_<t) = head(h(c, x_<t))            # [V]
+    log psi_t(x_<=t) = s(x_<t)[x_t]       # the prefix score is a gather
+
+so one forward gives both the score of the token just drawn (``Twist.prefix``) and the
+scores of all next tokens (``Twist.next_token``, which enables the locally optimal
+proposal q ∝ p·psi). The last layer starts at zero: log psi = 0 everywhere, i.e. plain
+SMC, until trained (``llmsample.ctl``).
+
+    head = TwistHead(model.config.hidden_size, vocab_size(model))
+    twist = LearnedTwist(model, head, potential)
+    out = smc_generate(model, tok, prompts, potential=potential, twist=twist)
+    out = smc_generate(..., twist=twist, proposal="optimal")     # q ∝ p·psi
+
+**Exact weights for any head.** The engine telescopes psi: a row's weight gains
+log psi_t - log psi_{t-1} per step, and at completion (EOS, or the T-th token) the
+potential phi replaces psi. The head's values only ever enter through that telescope,
+so the final weights are p·phi/q whatever its parameters (tested with random heads).
+``next_token`` follows the engine's contract: columns whose extension completes the
+sequence (EOS tokens; every token at the last step) carry log phi, not the head. For
+that it needs the *same* potential as the SMC run; it uses the potential's
+``token_scores`` when it has them and otherwise calls ``complete`` on the R·|EOS|
+one-token EOS extensions (and on all R·V extensions at the last step).
+
+**State and cost.** The twist keeps its own KV-cached pass over the base model
+(``output_hidden_states``) with a per-row hidden state [R, H], stepped in ``advance``
+and permuted in ``reorder`` exactly like the engine's cache: the base model runs a
+second time per step (twice the decoding FLOPs; no O(T^2) re-encoding). The engine
+calls ``prefix`` on a subset of rows (the running ones) without their row numbers;
+the twist finds each one's state row by content (prompt, tokens), which is exact
+because its scores are a function of that content alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from llmsample.lm import PromptBatch, _positions
+from llmsample.particles import Particles
+from llmsample.potentials import Potential
+from llmsample.twists import Twist
+
+__all__ = ["TwistHead", "LearnedTwist", "HiddenSession"]
+
+
+class TwistHead(nn.Module):
+    """log psi(x_<t, v) for all v from the hidden state after x_<t: [..., H] -> [..., V].
+
+    A non-affine LayerNorm, then a linear map (``width=0``) or a one-hidden-layer GELU
+    MLP of ``width`` units. The output layer is zero-initialized: log psi = 0 (plain SMC).
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, width: int = 128):
+        super().__init__()
+        if hidden_size < 1 or vocab_size < 1 or width < 0:
+            raise ValueError(
+                f"TwistHead needs hidden_size, vocab_size >= 1 and width >= 0, got "
+                f"{hidden_size}, {vocab_size}, {width}"
+            )
+        self.config = dict(hidden_size=hidden_size, vocab_size=vocab_size, width=width)
+        layers: list[nn.Module] = [nn.LayerNorm(hidden_size, elementwise_affine=False)]
+        if width:
+            layers += [nn.Linear(hidden_size, width), nn.GELU()]
+        out = nn.Linear(width or hidden_size, vocab_size)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(*layers, out)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.net(hidden.float())
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"config": self.config, "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location=None) -> TwistHead:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        head = cls(**blob["config"])
+        head.load_state_dict(blob["state_dict"])
+        return head
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - parameterless model
+        return torch.device("cpu")
+
+
+class HiddenSession:
+    """KV-cached incremental pass over a causal LM keeping each row's last hidden state.
+
+    Same row layout and padding as :class:`llmsample.lm.LMSession` (prompt-major rows,
+    left-padded prompts, positions from the mask); ``hidden`` is [B*N, H] float32.
+    """
+
+    def __init__(self, model, prompts: PromptBatch, num_particles: int):
+        self.model = model
+        self.device = _device_of(model)
+        prompts = prompts.to(self.device)
+        B = prompts.size
+        with torch.inference_mode():
+            out = model(
+                input_ids=prompts.input_ids,
+                attention_mask=prompts.attention_mask,
+                position_ids=_positions(prompts.attention_mask),
+                use_cache=True,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+        self.cache = out.past_key_values
+        if self.cache is None or not hasattr(self.cache, "reorder_cache"):
+            raise TypeError(f"{type(model).__name__} returned no reorderable KV cache")
+        self.forward_tokens = prompts.input_ids.numel()
+        self.hidden = out.hidden_states[-1][:, -1].float()  # [B, H]
+        self.attention_mask = prompts.attention_mask
+        self.positions = _positions(prompts.attention_mask)[:, -1]
+        self.reorder(torch.arange(B, device=self.device).repeat_interleave(num_particles))
+
+    def reorder(self, index: Tensor) -> None:
+        index = index.to(self.device)
+        self.cache.reorder_cache(index)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.hidden = self.hidden.index_select(0, index)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        tokens = tokens.to(self.device)
+        R = tokens.shape[0]
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones((R, 1))], dim=1
+        )
+        self.positions = self.positions + 1
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=self.attention_mask,
+                position_ids=self.positions[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+        self.cache = out.past_key_values
+        self.forward_tokens += R
+        self.hidden = out.hidden_states[-1][:, -1].float()
+        return self.hidden
+
+
+def _match_rows(query: Tensor, keys: Tensor) -> Tensor:
+    """For each row of ``query`` [r, k], the index of a row of ``keys`` [R, k] equal to it."""
+    R = keys.shape[0]
+    _, inverse = torch.unique(torch.cat([keys, query]), dim=0, return_inverse=True)
+    rep = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device=keys.device)
+    rep.scatter_reduce_(0, inverse[:R], torch.arange(R, device=keys.device), reduce="amax")
+    rows = rep[inverse[R:]]
+    if bool((rows < 0).any()):
+        raise RuntimeError(
+            "LearnedTwist was asked about a prefix it has no state for; it must be driven by "
+            "the SMC engine (start/advance/reorder) on the same rows"
+        )
+    return rows
+
+
+class LearnedTwist(Twist):
+    """A :class:`TwistHead` on ``model`` (the frozen base LM of the SMC run) as a twist.
+
+    ``potential`` must be the SMC run's potential: ``next_token`` puts its log phi on
+    completing extensions (None means phi = 1). ``prefix`` needs no potential.
+    """
+
+    informative = True
+
+    def __init__(self, model, head: TwistHead, potential: Potential | None = None):
+        self.model, self.head, self.potential = model, head, potential
+        self.session: HiddenSession | None = None
+        self._scores: Tensor | None = None
+
+    @property
+    def forward_tokens(self) -> int:
+        return 0 if self.session is None else self.session.forward_tokens
+
+    def start(self, prompts: PromptBatch, num_particles: int) -> None:
+        self.session = HiddenSession(self.model, prompts, num_particles)
+        dev = self.session.device
+        self.prompt_index = torch.arange(prompts.size, device=dev).repeat_interleave(num_particles)
+        self.tokens = torch.zeros(self.prompt_index.shape[0], 0, dtype=torch.long, device=dev)
+        self._scores = None
+
+    def advance(self, tokens: Tensor) -> None:
+        tokens = tokens.to(self.session.device)
+        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
+        self.session.step(tokens)
+        self._scores = None
+
+    def reorder(self, index: Tensor) -> None:
+        index = index.to(self.session.device)
+        self.session.reorder(index)
+        self.tokens = self.tokens[index]
+        self.prompt_index = self.prompt_index[index]
+        if self._scores is not None:
+            self._scores = self._scores[index]
+
+    @property
+    def scores(self) -> Tensor:
+        """[R, V] float64: the head's log psi of every one-token extension of each row."""
+        if self._scores is None:
+            head_device = _device_of(self.head)
+            with torch.inference_mode():
+                s = self.head(self.session.hidden.to(head_device))
+            self._scores = s.to(device=self.session.device, dtype=torch.float64)
+        return self._scores
+
+    def _rows(self, x: Particles, tokens: Tensor) -> Tensor:
+        """State rows holding the prefixes ``tokens`` ([r, t]) of the rows of ``x``."""
+        dev = self.session.device
+        tokens, pi = tokens.to(dev), x.prompt_index.to(dev)
+        if tokens.shape[1] != self.tokens.shape[1]:
+            raise RuntimeError(
+                f"LearnedTwist is at step {self.tokens.shape[1]} but was asked about prefixes of "
+                f"length {tokens.shape[1]}"
+            )
+        if tokens.shape[0] == self.tokens.shape[0] and torch.equal(tokens, self.tokens):
+            if torch.equal(pi, self.prompt_index):
+                return torch.arange(tokens.shape[0], device=dev)
+        keys = torch.cat([self.prompt_index[:, None], self.tokens], dim=1)
+        return _match_rows(torch.cat([pi[:, None], tokens], dim=1), keys)
+
+    def prefix(self, x: Particles) -> Tensor:
+        rows = self._rows(x, x.tokens[:, :-1])
+        last = x.tokens[:, -1:].to(self.session.device)
+        return self.scores[rows].gather(1, last)[:, 0].to(x.device)
+
+    def next_token(self, x: Particles) -> Tensor:
+        out = self.scores[self._rows(x, x.tokens)].to(x.device).clone()  # [R, V]
+        t, T, V = x.step, x.max_new_tokens, x.vocab_size
+        active = x.lengths == t  # rows still running (finished rows' scores are unused)
+        if not bool(active.any()):
+            return out
+        last = t == T - 1
+        eos = x.eos_token_ids.to(x.device)
+        if self.potential is None:
+            phi = torch.zeros(x.num_rows, V, dtype=torch.float64, device=x.device)
+        else:
+            phi = self.potential.token_scores(x)
+            if phi is None:
+                phi = self._complete_scores(x, active, eos, last)
+            phi = phi.to(device=x.device, dtype=torch.float64)
+        cols = (
+            torch.ones(V, dtype=torch.bool, device=x.device)
+            if last
+            else torch.isin(torch.arange(V, device=x.device), eos)
+        )
+        where = active[:, None] & cols[None, :]
+        return torch.where(where, phi, out)
+
+    def _complete_scores(self, x: Particles, active: Tensor, eos: Tensor, last: bool) -> Tensor:
+        """[R, V] log phi of the completing extensions of the active rows (other entries 0)."""
+        V = x.vocab_size
+        rows = active.nonzero()[:, 0]
+        cand = torch.arange(V, device=x.device) if last else eos  # [C]
+        C = cand.shape[0]
+        sub = x.select(rows)
+        tokens = torch.cat(
+            [sub.tokens.repeat_interleave(C, dim=0), cand.repeat(rows.shape[0])[:, None]], dim=1
+        )
+        ext = Particles(
+            tokens,
+            sub.lengths.repeat_interleave(C) + 1,
+            sub.prompt_index.repeat_interleave(C),
+            x.prompts,
+            x.tokenizer,
+            x.eos_token_ids,
+            x.max_new_tokens,
+            V,
+        )
+        vals = self.potential.complete(ext).to(device=x.device, dtype=torch.float64)
+        if bool((vals != vals).any()) or bool((vals == math.inf).any()):
+            raise ValueError("potential.complete returned NaN or +inf")
+        phi = torch.zeros(x.num_rows, V, dtype=torch.float64, device=x.device)
+        phi[rows[:, None], cand[None, :]] = vals.view(-1, C)
+        return phi
