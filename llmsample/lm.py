@@ -169,6 +169,8 @@ class LMSession:
     (padding included: that is what the compute pays for). ``context``, a callable
     returning a context manager, wraps every forward (prefill and steps): e.g. a peft
     model's ``disable_adapter`` to decode with the base model under a LoRA adapter.
+    With ``hidden=True`` it also keeps ``hidden``, each row's fp32 last-layer state at
+    its last token ([B*N, H]), for heads on the model (e.g. a learned twist).
     """
 
     def __init__(
@@ -177,9 +179,12 @@ class LMSession:
         prompts: PromptBatch,
         num_particles: int,
         context: Callable[[], AbstractContextManager] | None = None,
+        hidden: bool = False,
     ):
         self.model = model
         self.context = context or nullcontext
+        self.keep_hidden = hidden
+        self.hidden: Tensor | None = None
         self.device = _device_of(model)
         prompts = prompts.to(self.device)
         B, P = prompts.input_ids.shape
@@ -190,6 +195,7 @@ class LMSession:
                 position_ids=_positions(prompts.attention_mask),
                 use_cache=True,
                 logits_to_keep=1,
+                output_hidden_states=hidden,
             )
         self.cache = out.past_key_values
         if self.cache is None or not hasattr(self.cache, "reorder_cache"):
@@ -199,6 +205,7 @@ class LMSession:
             )
         self.forward_tokens = B * P
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+        self._keep(out)
         self.attention_mask = prompts.attention_mask
         self.positions = _positions(prompts.attention_mask)[:, -1]  # [B]
         self.reorder(
@@ -212,6 +219,12 @@ class LMSession:
         self.attention_mask = self.attention_mask.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         self.logp = self.logp.index_select(0, index)
+        if self.hidden is not None:
+            self.hidden = self.hidden.index_select(0, index)
+
+    def _keep(self, out) -> None:
+        if self.keep_hidden:
+            self.hidden = out.hidden_states[-1][:, -1].float()  # [R, H]
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append one token per row ([R]) and return the new next-token log-probs."""
@@ -228,10 +241,12 @@ class LMSession:
                 position_ids=self.positions[:, None],
                 past_key_values=self.cache,
                 use_cache=True,
+                output_hidden_states=self.keep_hidden,
             )
         self.cache = out.past_key_values
         self.forward_tokens += R
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self._keep(out)
         return self.logp
 
 

@@ -43,12 +43,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmsample.lm import PromptBatch, _positions
+from llmsample.lm import LMSession, PromptBatch, _device_of
 from llmsample.particles import Particles
 from llmsample.potentials import Potential
 from llmsample.twists import Twist
 
-__all__ = ["TwistHead", "LearnedTwist", "HiddenSession"]
+__all__ = ["TwistHead", "LearnedTwist"]
 
 
 class TwistHead(nn.Module):
@@ -88,72 +88,6 @@ class TwistHead(nn.Module):
         return head
 
 
-def _device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - parameterless model
-        return torch.device("cpu")
-
-
-class HiddenSession:
-    """KV-cached incremental pass over a causal LM keeping each row's last hidden state.
-
-    Same row layout and padding as :class:`llmsample.lm.LMSession` (prompt-major rows,
-    left-padded prompts, positions from the mask); ``hidden`` is [B*N, H] float32.
-    """
-
-    def __init__(self, model, prompts: PromptBatch, num_particles: int):
-        self.model = model
-        self.device = _device_of(model)
-        prompts = prompts.to(self.device)
-        B = prompts.size
-        with torch.inference_mode():
-            out = model(
-                input_ids=prompts.input_ids,
-                attention_mask=prompts.attention_mask,
-                position_ids=_positions(prompts.attention_mask),
-                use_cache=True,
-                output_hidden_states=True,
-                logits_to_keep=1,
-            )
-        self.cache = out.past_key_values
-        if self.cache is None or not hasattr(self.cache, "reorder_cache"):
-            raise TypeError(f"{type(model).__name__} returned no reorderable KV cache")
-        self.forward_tokens = prompts.input_ids.numel()
-        self.hidden = out.hidden_states[-1][:, -1].float()  # [B, H]
-        self.attention_mask = prompts.attention_mask
-        self.positions = _positions(prompts.attention_mask)[:, -1]
-        self.reorder(torch.arange(B, device=self.device).repeat_interleave(num_particles))
-
-    def reorder(self, index: Tensor) -> None:
-        index = index.to(self.device)
-        self.cache.reorder_cache(index)
-        self.attention_mask = self.attention_mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
-        self.hidden = self.hidden.index_select(0, index)
-
-    def step(self, tokens: Tensor) -> Tensor:
-        tokens = tokens.to(self.device)
-        R = tokens.shape[0]
-        self.attention_mask = torch.cat(
-            [self.attention_mask, self.attention_mask.new_ones((R, 1))], dim=1
-        )
-        self.positions = self.positions + 1
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=self.attention_mask,
-                position_ids=self.positions[:, None],
-                past_key_values=self.cache,
-                use_cache=True,
-                output_hidden_states=True,
-            )
-        self.cache = out.past_key_values
-        self.forward_tokens += R
-        self.hidden = out.hidden_states[-1][:, -1].float()
-        return self.hidden
-
-
 def _match_rows(query: Tensor, keys: Tensor) -> Tensor:
     """For each row of ``query`` [r, k], the index of a row of ``keys`` [R, k] equal to it."""
     R = keys.shape[0]
@@ -180,7 +114,7 @@ class LearnedTwist(Twist):
 
     def __init__(self, model, head: TwistHead, potential: Potential | None = None):
         self.model, self.head, self.potential = model, head, potential
-        self.session: HiddenSession | None = None
+        self.session: LMSession | None = None
         self._scores: Tensor | None = None
 
     @property
@@ -188,7 +122,7 @@ class LearnedTwist(Twist):
         return 0 if self.session is None else self.session.forward_tokens
 
     def start(self, prompts: PromptBatch, num_particles: int) -> None:
-        self.session = HiddenSession(self.model, prompts, num_particles)
+        self.session = LMSession(self.model, prompts, num_particles, hidden=True)
         dev = self.session.device
         self.prompt_index = torch.arange(prompts.size, device=dev).repeat_interleave(num_particles)
         self.tokens = torch.zeros(self.prompt_index.shape[0], 0, dtype=torch.long, device=dev)
