@@ -40,17 +40,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llmsample.generate import (
-    _eos_ids,
-    _prompts,
-    _resolve_proposal,
-    _resolve_twist,
-    ancestral_generate,
-)
+from llmsample.generate import _eos_ids, ancestral_generate, smc_generate
 from llmsample.lm import encode_prompts, line_end_ids
 from llmsample.metrics.posterior import bound_gap
 from llmsample.potentials import Potential
-from llmsample.smc import SMCConfig, run_smc
+from llmsample.smc import SMCConfig
 
 __all__ = [
     "LogZBounds",
@@ -86,33 +80,25 @@ def _run(
     pad_token_id: int | None = None,
     config: SMCConfig | None = None,
 ) -> Tensor:
-    """log Z_hat [B] of one (conditional) SMC run, set up exactly as ``smc_generate``."""
-    knobs = dict(
+    """log Z_hat [B] of one (conditional) SMC run of ``smc_generate``."""
+    out = smc_generate(
+        model,
+        tokenizer,
+        prompts,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        potential=potential,
+        twist=twist,
+        proposal=proposal,
+        num_particles=num_particles,
         max_new_tokens=max_new_tokens,
         resampling=resampling,
         ess_threshold=ess_threshold,
-        progress=progress,
-    )
-    cfg = dataclasses.replace(
-        config or SMCConfig(),
-        num_particles=num_particles,
         seed=seed,
-        **{k: v for k, v in knobs.items() if v is not None},
-    )
-    eos = _eos_ids(model, tokenizer, eos_token_id)
-    batch = _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos)
-    q, model_context = _resolve_proposal(proposal, model)
-    out = run_smc(
-        model,
-        tokenizer,
-        batch,
-        potential,
-        cfg,
-        proposal=q,
-        twist=_resolve_twist(twist, potential),
-        eos_token_ids=eos,
-        method="csmc" if reference is not None else "smc",
-        model_context=model_context,
+        progress=progress,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        config=config,
         reference=reference,
     )
     return out.log_z.double()

@@ -166,9 +166,15 @@ def smc_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     config: SMCConfig | None = None,
+    reference: list | None = None,
     _method: str = "smc",
 ) -> SamplingOutput:
     """Sample from sigma(x|c) ∝ p(x|c) phi(x,c) with SMC. See the module docstring.
+
+    ``reference`` (one complete continuation per prompt, as token ids) runs
+    *conditional* SMC: row 0 of each prompt is clamped to it (see ``run_smc``); with an
+    exact posterior sample its log Z_hat is an upper bound in expectation
+    (:mod:`llmsample.bounds`).
 
     ``potential=None`` means phi = 1 (the target is the LM itself). ``twist`` is
     'none', 'prefix' (the potential's prefix scores) or a :class:`Twist`;
@@ -209,8 +215,9 @@ def smc_generate(
         proposal=q,
         twist=_resolve_twist(twist, potential),
         eos_token_ids=eos,
-        method=_method,
+        method="csmc" if reference is not None else _method,
         model_context=model_context,
+        reference=reference,
     )
 
 
