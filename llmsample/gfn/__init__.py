@@ -9,6 +9,7 @@ for the objectives (pure tensor functions).
 """
 
 from llmsample.gfn.config import GFNConfig
+from llmsample.gfn.flow_twist import FlowTwist, flow_log_psi
 from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
 from llmsample.gfn.replay import ReplayBuffer
 from llmsample.gfn.reward import BaseView, log_rewards, policy_diagnostics
@@ -17,12 +18,14 @@ from llmsample.gfn.trainer import GFNTrainer, LogZ, add_lora
 
 __all__ = [
     "BaseView",
+    "FlowTwist",
     "GFNConfig",
     "GFNTrainer",
     "LogZ",
     "ReplayBuffer",
     "Rollouts",
     "add_lora",
+    "flow_log_psi",
     "log_rewards",
     "policy_diagnostics",
     "prefix_flows",
