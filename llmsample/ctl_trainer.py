@@ -33,6 +33,30 @@ from llmsample.twist_head import LearnedTwist, TwistHead
 __all__ = ["CTLConfig", "CTLTrainer", "train_ctl"]
 
 
+class _StoppedOnly(Potential):
+    """``inner`` on rows that ended with an EOS id, 0 on rows cut at the horizon.
+
+    The twisted negatives are drawn from q ∝ p·psi with horizon T - 1: CTL reads only
+    their first T - 2 tokens (the parents x_<t, t <= T - 1), whose law does not depend
+    on the horizon, but at the horizon every token completes a row, and a text potential
+    would be called on all R·V one-token extensions. Those last tokens are never used,
+    so the cut rows get phi = 1 instead.
+    """
+
+    def __init__(self, inner: Potential | None, eos: Tensor):
+        self.inner, self.eos = inner, eos
+
+    def complete(self, x: Particles) -> Tensor:
+        out = torch.zeros(x.num_rows, dtype=torch.float64, device=x.device)
+        if self.inner is None or x.num_rows == 0:
+            return out
+        last = x.tokens.gather(1, (x.lengths - 1).clamp(min=0)[:, None])[:, 0]
+        stopped = torch.isin(last, self.eos.to(x.device)).nonzero()[:, 0]
+        if stopped.numel():
+            out[stopped] = self.inner.complete(x.select(stopped)).to(out)
+        return out
+
+
 def _help(text: str, default):
     return field(default=default, metadata={"help": text})
 
@@ -51,7 +75,9 @@ class CTLConfig:
         "twisted",
     )
     positives: str = _help(
-        "smc (SMC with the current twist) | importance (no resampling) for the positives", "smc"
+        "smc (SMC with the current twist) | importance (no resampling) | given (the exact "
+        "posterior sample passed per prompt as references=, e.g. joint_infill_samples)",
+        "smc",
     )
     proposal: str = _help("proposal of the positive runs: base (p) | optimal (q ∝ p·psi)", "base")
     ess_threshold: float = _help("resampling threshold of the positive SMC runs", 0.5)
@@ -79,8 +105,10 @@ class CTLConfig:
                 f"max_new_tokens must be an integer >= 2 (a twist acts between steps), "
                 f"got {self.max_new_tokens!r}"
             )
-        if self.positives not in ("smc", "importance"):
-            raise ValueError(f"positives must be 'smc' or 'importance', got {self.positives!r}")
+        if self.positives not in ("smc", "importance", "given"):
+            raise ValueError(
+                f"positives must be 'smc', 'importance' or 'given', got {self.positives!r}"
+            )
         if self.negatives not in ("twisted", "base"):
             raise ValueError(f"negatives must be 'twisted' or 'base', got {self.negatives!r}")
         if self.proposal not in ("base", "optimal"):
@@ -105,7 +133,9 @@ class CTLConfig:
 class CTLTrainer:
     """Train ``head`` (a :class:`TwistHead` on the frozen ``model``) by CTL; see the module
     docstring. ``potential`` is one Potential or one per prompt; ``evaluate(head, step)``
-    returns a dict of metrics logged to ``metrics.jsonl``."""
+    returns a dict of metrics logged to ``metrics.jsonl``. ``conditions`` [len(prompts), C]
+    feeds a conditional head (``cond_size=C``); ``references`` (one complete continuation
+    per prompt, an exact draw from its sigma) are the positives of ``positives='given'``."""
 
     def __init__(
         self,
@@ -118,11 +148,32 @@ class CTLTrainer:
         *,
         eos_token_ids: list[int] | None = None,
         evaluate: Callable[[TwistHead, int], dict] | None = None,
+        conditions: Tensor | None = None,
+        references: Sequence[Sequence[int]] | None = None,
     ):
         from accelerate import Accelerator
 
         if not prompts:
             raise ValueError("CTLTrainer needs at least one prompt")
+        cond_size = getattr(head, "cond_size", 0)
+        if bool(cond_size) != (conditions is not None):
+            raise ValueError(
+                f"the head has cond_size={cond_size}; pass conditions=[{len(prompts)}, "
+                f"{cond_size}] for a conditional head and none for a plain one"
+            )
+        if conditions is not None and tuple(conditions.shape) != (len(prompts), cond_size):
+            raise ValueError(
+                f"conditions must be [{len(prompts)}, {cond_size}], got {tuple(conditions.shape)}"
+            )
+        if (cfg.positives == "given") != (references is not None):
+            raise ValueError(
+                "positives='given' needs references= (one exact posterior sample per prompt), "
+                "and references are only used with positives='given'"
+            )
+        if references is not None and len(references) != len(prompts):
+            raise ValueError(f"got {len(references)} references for {len(prompts)} prompts")
+        self.conditions = conditions
+        self.references = None if references is None else [list(r) for r in references]
         if isinstance(potential, Sequence) and len(potential) != len(prompts):
             raise ValueError(
                 f"got {len(potential)} per-prompt potentials for {len(prompts)} prompts"
@@ -182,30 +233,37 @@ class CTLTrainer:
             cfg.num_particles,
             cfg.num_negatives,
         )
-        twist = LearnedTwist(self.model, self.unwrapped, potential)
-        pos = smc_generate(
-            self.model,
-            self.tokenizer,
-            texts,
-            potential=potential,
-            twist=twist,
-            proposal="optimal" if cfg.proposal == "optimal" else None,
-            num_particles=K,
-            max_new_tokens=T,
-            ess_threshold=cfg.ess_threshold if cfg.positives == "smc" else 0.0,
-            seed=seeds[0],
-            eos_token_id=self.eos,
-        )
-        if cfg.negatives == "twisted":  # plain draws from q ∝ p·psi (no weights, no resampling)
-            neg = smc_generate(
+        cond = None if self.conditions is None else self.conditions[chosen]
+        twist = LearnedTwist(self.model, self.unwrapped, potential, condition=cond)
+        if cfg.positives == "given":
+            K = 1
+        else:
+            pos = smc_generate(
                 self.model,
                 self.tokenizer,
                 texts,
                 potential=potential,
                 twist=twist,
+                proposal="optimal" if cfg.proposal == "optimal" else None,
+                num_particles=K,
+                max_new_tokens=T,
+                ess_threshold=cfg.ess_threshold if cfg.positives == "smc" else 0.0,
+                seed=seeds[0],
+                eos_token_id=self.eos,
+            )
+        if cfg.negatives == "twisted":  # plain draws from q ∝ p·psi (no weights, no resampling)
+            eos_t = torch.as_tensor(self.eos)
+            neg = smc_generate(
+                self.model,
+                self.tokenizer,
+                texts,
+                potential=_StoppedOnly(potential, eos_t),
+                twist=LearnedTwist(
+                    self.model, self.unwrapped, _StoppedOnly(potential, eos_t), condition=cond
+                ),
                 proposal="optimal",
                 num_particles=M,
-                max_new_tokens=T,
+                max_new_tokens=T - 1,  # only the first T - 2 tokens are read (_StoppedOnly)
                 seed=seeds[1],
                 eos_token_id=self.eos,
                 config=SMCConfig(reweight=False),
@@ -231,23 +289,28 @@ class CTLTrainer:
                 c = torch.cat([c, c.new_full((c.shape[0], T - c.shape[1]), pad)], dim=1)
             return c.to(device)
 
-        pos_tok, neg_tok = tokens_of(pos), tokens_of(neg)  # [B*K, T], [B*M, T]
-        pos_len, neg_len = lengths_of(pos_tok, self.eos), lengths_of(neg_tok, self.eos)
         index = torch.arange(B, device=device)
+        neg_tok = tokens_of(neg)  # [B*M, T]
+        if cfg.positives == "given":
+            pos_tok, pos_log_w, log_phi = self._given(chosen, potential, prompts, T)
+        else:
+            pos_tok, pos_log_w = tokens_of(pos), pos.log_weights_unnormalized.to(device)
+            log_phi = pos.log_potential
+            log_phi = (
+                torch.zeros(B * K, dtype=torch.float64, device=device)
+                if log_phi is None
+                else log_phi.reshape(-1).to(device)
+            )
+        pos_len, neg_len = lengths_of(pos_tok, self.eos), lengths_of(neg_tok, self.eos)
         pi = torch.cat([index.repeat_interleave(K), index.repeat_interleave(M)])
         hidden, logp = base_states(self.model, prompts, pi, torch.cat([pos_tok, neg_tok]), S)
-        scores = self.head(hidden)  # [B*(K+M), S, V], with grad
+        row_cond = None if cond is None else cond.to(device)[pi][:, None, :]
+        scores = self.head(hidden, row_cond)  # [B*(K+M), S, V], with grad
         V = scores.shape[-1]
         steps = torch.arange(1, S + 1, device=device)  # t = 1..S
         # positives: log psi_t(x_<=t), or log phi where the row completed at t
         pos_scores = scores[: B * K].double()
         gathered = pos_scores.gather(2, pos_tok[:, :S, None])[..., 0]  # [B*K, S]
-        log_phi = pos.log_potential
-        log_phi = (
-            torch.zeros(B * K, dtype=torch.float64, device=device)
-            if log_phi is None
-            else log_phi.reshape(-1).to(device)
-        )
         done_at = steps[None, :] == pos_len[:, None]
         pos_log_psi = torch.where(done_at, log_phi[:, None], gathered)
         pos_mask = steps[None, :] <= pos_len[:, None]
@@ -287,13 +350,15 @@ class CTLTrainer:
             neg_log_w = torch.cat([lpq.new_zeros(B * M, 1), lpq.cumsum(1)], dim=1).view(B, M, S)
         loss = ctl_loss(
             pos_log_psi.view(B, K, S),
-            pos.log_weights_unnormalized.to(device),
+            pos_log_w,
             pos_mask.view(B, K, S),
             neg_scores.view(B, M, S, V),
             neg_logp.view(B, M, S, V),
             neg_mask.view(B, M, S),
             neg_log_w,
         )
+        if cfg.positives == "given":
+            return loss, dict(ess=1.0, log_phi=float(log_phi.mean()))
         ess = torch.exp(-torch.logsumexp(2 * pos.log_weights, dim=1))
         stats = dict(
             log_z=float(pos.log_z.mean()),
@@ -301,6 +366,33 @@ class CTLTrainer:
             resample_rate=float(pos.resampled.float().mean()),
         )
         return loss, stats
+
+    def _given(self, chosen: list[int], potential, prompts, T: int):
+        """The given exact samples of the chosen prompts as positives (K = 1, weight 1):
+        tokens [B, T] (right-padded), log w [B, 1] and log phi [B]."""
+        device = self.acc.device
+        refs = [self.references[i] for i in chosen]
+        if any(len(r) > T or len(r) == 0 for r in refs):
+            raise ValueError(f"references must hold 1..max_new_tokens={T} tokens")
+        pad = prompts.pad_token_id
+        tok = torch.full((len(refs), T), pad, dtype=torch.long, device=device)
+        for b, r in enumerate(refs):
+            tok[b, : len(r)] = torch.tensor(r, device=device)
+        lengths = torch.tensor([len(r) for r in refs], device=device)
+        eos_t = torch.as_tensor(self.eos, device=device)
+        vocab = self.unwrapped.config["vocab_size"]
+        x = Particles(
+            tok,
+            lengths,
+            torch.arange(len(refs), device=device),
+            prompts.to(device),
+            self.tokenizer,
+            eos_t,
+            T,
+            vocab,
+        )
+        log_w = torch.zeros(len(refs), 1, dtype=torch.float64, device=device)
+        return tok, log_w, self._complete(potential, x)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoints(self) -> list[Path]:
@@ -431,6 +523,8 @@ def train_ctl(
     *,
     eos_token_ids: list[int] | None = None,
     evaluate: Callable[[TwistHead, int], dict] | None = None,
+    conditions: Tensor | None = None,
+    references: Sequence[Sequence[int]] | None = None,
 ) -> dict:
     """Train ``head`` in place by CTL (resuming from ``cfg.out_dir``); the last evaluation."""
     trainer = CTLTrainer(
@@ -442,5 +536,7 @@ def train_ctl(
         cfg,
         eos_token_ids=eos_token_ids,
         evaluate=evaluate,
+        conditions=conditions,
+        references=references,
     )
     return trainer.train()

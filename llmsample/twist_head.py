@@ -11,10 +11,20 @@ scores of all next tokens (``Twist.next_token``, which enables the locally optim
 proposal q ∝ p·psi). The last layer starts at zero: log psi = 0 everywhere, i.e. plain
 SMC, until trained (``llmsample.ctl``).
 
+**Conditional heads.** When the target depends on more than the prompt (infilling: the
+suffix lives in the potential, not in the prompt the LM reads), a head built with
+``cond_size=C`` also reads a per-prompt vector, ``head(h, cond)``; ``LearnedTwist(...,
+condition=[B, C])`` gives row r the vector of its prompt. :func:`text_features` makes one
+from text (the base model's mean last hidden state over it), so one head serves every
+suffix (amortized over problems, as in Zhao et al. 2024).
+
     head = TwistHead(model.config.hidden_size, vocab_size(model))
     twist = LearnedTwist(model, head, potential)
     out = smc_generate(model, tok, prompts, potential=potential, twist=twist)
     out = smc_generate(..., twist=twist, proposal="optimal")     # q ∝ p·psi
+
+    head = TwistHead(H, V, cond_size=H)                           # infilling: read the suffix
+    twist = LearnedTwist(model, head, potential, condition=text_features(model, tok, suffixes))
 
 **Exact weights for any head.** The engine telescopes psi: a row's weight gains
 log psi_t - log psi_{t-1} per step, and at completion (EOS, or the T-th token) the
@@ -43,39 +53,60 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmsample.lm import LMSession, PromptBatch, _device_of
+from llmsample.lm import LMSession, PromptBatch, _device_of, _positions, encode_prompts
 from llmsample.particles import Particles
 from llmsample.potentials import Potential
 from llmsample.twists import Twist
 
-__all__ = ["TwistHead", "LearnedTwist"]
+__all__ = ["TwistHead", "LearnedTwist", "text_features"]
 
 
 class TwistHead(nn.Module):
     """log psi(x_<t, v) for all v from the hidden state after x_<t: [..., H] -> [..., V].
 
     A non-affine LayerNorm, then a linear map (``width=0``) or a one-hidden-layer GELU
-    MLP of ``width`` units. The output layer is zero-initialized: log psi = 0 (plain SMC).
+    MLP of ``width`` units. With ``cond_size=C`` it reads [LayerNorm(h), LayerNorm(cond)]
+    (``cond`` [..., C], e.g. :func:`text_features` of an infilling suffix). The output
+    layer is zero-initialized: log psi = 0 (plain SMC).
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, width: int = 128):
+    def __init__(self, hidden_size: int, vocab_size: int, width: int = 128, cond_size: int = 0):
         super().__init__()
-        if hidden_size < 1 or vocab_size < 1 or width < 0:
+        if hidden_size < 1 or vocab_size < 1 or width < 0 or cond_size < 0:
             raise ValueError(
-                f"TwistHead needs hidden_size, vocab_size >= 1 and width >= 0, got "
-                f"{hidden_size}, {vocab_size}, {width}"
+                f"TwistHead needs hidden_size, vocab_size >= 1 and width, cond_size >= 0, got "
+                f"{hidden_size}, {vocab_size}, {width}, {cond_size}"
             )
         self.config = dict(hidden_size=hidden_size, vocab_size=vocab_size, width=width)
-        layers: list[nn.Module] = [nn.LayerNorm(hidden_size, elementwise_affine=False)]
+        if cond_size:  # (only stored when used: heads saved before it existed still load)
+            self.config["cond_size"] = cond_size
+        self.cond_size = cond_size
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+        self.cond_norm = nn.LayerNorm(cond_size, elementwise_affine=False) if cond_size else None
+        layers: list[nn.Module] = []
+        inputs = hidden_size + cond_size
         if width:
-            layers += [nn.Linear(hidden_size, width), nn.GELU()]
-        out = nn.Linear(width or hidden_size, vocab_size)
+            layers += [nn.Linear(inputs, width), nn.GELU()]
+        out = nn.Linear(width or inputs, vocab_size)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*layers, out)
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.net(hidden.float())
+    def forward(self, hidden: Tensor, cond: Tensor | None = None) -> Tensor:
+        x = self.norm(hidden.float())
+        if self.cond_size:
+            if cond is None or cond.shape[-1] != self.cond_size:
+                got = None if cond is None else tuple(cond.shape)
+                raise ValueError(
+                    f"this TwistHead reads a condition of size {self.cond_size} (cond_size); "
+                    f"got cond {got}: pass one vector per row, e.g. LearnedTwist(..., "
+                    f"condition=text_features(model, tokenizer, suffixes))"
+                )
+            c = self.cond_norm(cond.float().to(x.device)).expand(*x.shape[:-1], self.cond_size)
+            x = torch.cat([x, c], dim=-1)
+        elif cond is not None:
+            raise ValueError("this TwistHead has cond_size=0 but was given a condition")
+        return self.net(x)
 
     def save(self, path: str | Path) -> None:
         torch.save({"config": self.config, "state_dict": self.state_dict()}, path)
@@ -86,6 +117,30 @@ class TwistHead(nn.Module):
         head = cls(**blob["config"])
         head.load_state_dict(blob["state_dict"])
         return head
+
+
+@torch.no_grad()
+def text_features(model, tokenizer, texts: list[str], batch_size: int = 64) -> Tensor:
+    """[B, H] float32: the mean of ``model``'s last-layer hidden states over each text's
+    tokens (read on its own, no prompt): a fixed summary a conditional
+    :class:`TwistHead` reads, e.g. of an infilling suffix."""
+    if not texts or any(not isinstance(t, str) or not t for t in texts):
+        raise ValueError("text_features needs a non-empty list of non-empty strings")
+    device = _device_of(model)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = encode_prompts(tokenizer, texts[i : i + batch_size])
+        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        h = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            output_hidden_states=True,
+            use_cache=False,
+        ).hidden_states[-1]
+        m = mask[..., None].to(h.dtype)
+        out.append(((h * m).sum(1) / m.sum(1)).float().cpu())
+    return torch.cat(out)
 
 
 def _match_rows(query: Tensor, keys: Tensor) -> Tensor:
@@ -108,12 +163,29 @@ class LearnedTwist(Twist):
 
     ``potential`` must be the SMC run's potential: ``next_token`` puts its log phi on
     completing extensions (None means phi = 1). ``prefix`` needs no potential.
+    ``condition`` [B, C]: one vector per prompt of the run, for a head with ``cond_size=C``.
     """
 
     informative = True
 
-    def __init__(self, model, head: TwistHead, potential: Potential | None = None):
+    def __init__(
+        self,
+        model,
+        head: TwistHead,
+        potential: Potential | None = None,
+        condition: Tensor | None = None,
+    ):
+        cond_size = getattr(head, "cond_size", 0)
+        if bool(cond_size) != (condition is not None):
+            raise ValueError(
+                f"the head has cond_size={cond_size} but condition is "
+                f"{'given' if condition is not None else 'None'}: a conditional head needs "
+                f"condition=[B, {cond_size}] (one vector per prompt), a plain head none"
+            )
+        if condition is not None and (condition.dim() != 2 or condition.shape[1] != cond_size):
+            raise ValueError(f"condition must be [B, {cond_size}], got {tuple(condition.shape)}")
         self.model, self.head, self.potential = model, head, potential
+        self.condition = condition
         self.session: LMSession | None = None
         self._scores: Tensor | None = None
 
@@ -122,6 +194,10 @@ class LearnedTwist(Twist):
         return 0 if self.session is None else self.session.forward_tokens
 
     def start(self, prompts: PromptBatch, num_particles: int) -> None:
+        if self.condition is not None and self.condition.shape[0] != prompts.size:
+            raise ValueError(
+                f"condition has {self.condition.shape[0]} rows for {prompts.size} prompts"
+            )
         self.session = LMSession(self.model, prompts, num_particles, hidden=True)
         dev = self.session.device
         self.prompt_index = torch.arange(prompts.size, device=dev).repeat_interleave(num_particles)
@@ -147,8 +223,11 @@ class LearnedTwist(Twist):
         """[R, V] float64: the head's log psi of every one-token extension of each row."""
         if self._scores is None:
             head_device = _device_of(self.head)
+            cond = None
+            if self.condition is not None:
+                cond = self.condition.to(head_device)[self.prompt_index.to(head_device)]
             with torch.inference_mode():
-                s = self.head(self.session.hidden.to(head_device))
+                s = self.head(self.session.hidden.to(head_device), cond)
             self._scores = s.to(device=self.session.device, dtype=torch.float64)
         return self._scores
 

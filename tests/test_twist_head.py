@@ -55,11 +55,11 @@ def setup():
     return model, tok, targets
 
 
-def random_head(scale: float = 0.15, seed: int = 0) -> TwistHead:
+def random_head(scale: float = 0.15, seed: int = 0, cond_size: int = 0) -> TwistHead:
     """A random (non-zero) head: log psi varies by about +-0.5 nats across tokens; much
     larger values make Z_hat too heavy-tailed for a 3-SE check at a few hundred runs."""
     torch.manual_seed(seed)
-    head = TwistHead(32, 9, width=16)
+    head = TwistHead(32, 9, width=16, cond_size=cond_size)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0.0, scale)
@@ -77,25 +77,75 @@ def z_ratio(out, targets, runs):
 def test_head_starts_at_zero():
     head = TwistHead(32, 9)
     assert torch.equal(head(torch.randn(5, 32)), torch.zeros(5, 9))
+    cond = TwistHead(32, 9, cond_size=4)
+    assert torch.equal(cond(torch.randn(5, 32), torch.randn(5, 4)), torch.zeros(5, 9))
+
+
+def test_conditional_head_reads_its_condition_and_checks_it(setup, tmp_path):
+    model, tok, _ = setup
+    head = random_head(cond_size=3)
+    h = torch.randn(4, 32)
+    a, b = head(h, torch.zeros(4, 3)), head(h, torch.ones(4, 3) * torch.tensor([1.0, 0, 0]))
+    assert not torch.allclose(a, b)  # the condition changes the scores
+    head.save(tmp_path / "h.pt")
+    assert torch.equal(
+        TwistHead.load(tmp_path / "h.pt")(h, torch.ones(4, 3)), head(h, torch.ones(4, 3))
+    )
+    with pytest.raises(ValueError, match="cond_size"):
+        head(h)
+    with pytest.raises(ValueError, match="cond_size=0"):
+        TwistHead(32, 9)(h, torch.ones(4, 3))
+    with pytest.raises(ValueError, match="condition"):
+        LearnedTwist(model, head, SOFT)  # conditional head, no condition
+    with pytest.raises(ValueError, match="condition"):
+        LearnedTwist(model, random_head(), SOFT, condition=torch.ones(2, 3))
+    twist = LearnedTwist(model, head, SOFT, condition=torch.ones(3, 3))  # 3 rows, 2 prompts
+    with pytest.raises(ValueError, match="3 rows for 2 prompts"):
+        llmsample.smc_generate(
+            model, tok, PROMPTS, potential=SOFT, twist=twist, num_particles=2, max_new_tokens=T
+        )
+
+
+def test_text_features_are_mean_hidden_states(setup):
+    from llmsample.twist_head import text_features
+
+    model, tok, _ = setup
+    texts = ["a", "c d e", "b b"]
+    feats = text_features(model, tok, texts, batch_size=2)
+    assert feats.shape == (3, 32)
+    for i, t in enumerate(texts):  # padding (and batching) must not change a text's summary
+        ids = encode_prompts(tok, [t]).input_ids
+        with torch.no_grad():
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        assert torch.allclose(feats[i], h.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        text_features(model, tok, ["a", ""])
 
 
 @pytest.mark.filterwarnings("ignore:the potential rejected every particle")
 @pytest.mark.parametrize(
-    "proposal,potential",
-    [(None, "soft"), ("optimal", "soft"), ("optimal", "contains")],
-    ids=["base-soft", "optimal-soft", "optimal-hard"],
+    "proposal,potential,cond",
+    [
+        (None, "soft", False),
+        ("optimal", "soft", False),
+        ("optimal", "contains", False),
+        ("optimal", "soft", True),
+    ],
+    ids=["base-soft", "optimal-soft", "optimal-hard", "optimal-soft-conditional"],
 )
-def test_random_head_keeps_z_hat_unbiased(setup, proposal, potential):
+def test_random_head_keeps_z_hat_unbiased(setup, proposal, potential, cond):
     model, tok, targets = setup
     pot = SOFT if potential == "soft" else Contains("c")
-    head = random_head()
     runs = 300
+    head = random_head(cond_size=3 if cond else 0)
+    # a different random condition for every run: each prompt row gets its own psi
+    condition = torch.randn(len(PROMPTS) * runs, 3) if cond else None
     out = llmsample.smc_generate(
         model,
         tok,
         [p for p in PROMPTS for _ in range(runs)],
         potential=pot,
-        twist=LearnedTwist(model, head, pot),
+        twist=LearnedTwist(model, head, pot, condition=condition),
         proposal=proposal,
         num_particles=8,
         max_new_tokens=T,
@@ -446,6 +496,63 @@ def test_batch_loss_is_finite_with_gradients(setup, tmp_path, positives, negativ
     grads = [p.grad for p in head.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def exact_problems(tok, targets, per_prompt: int, seed: int = 0):
+    """``per_prompt`` copies of each prompt, each with its own exact draw from sigma (the
+    'given' positives of CTL), and a one-hot condition naming the prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts, refs, cond = [], [], []
+    for b, (p, target) in enumerate(zip(PROMPTS, targets)):
+        draws = torch.multinomial(target.log_sigma.exp(), per_prompt, True, generator=gen)
+        prompts += [p] * per_prompt
+        refs += [list(target.sequences[i]) for i in draws.tolist()]
+        cond += [torch.eye(len(PROMPTS))[b]] * per_prompt
+    return prompts, refs, torch.stack(cond)
+
+
+def test_given_positives_train_a_conditional_head_towards_psi_star(setup, tmp_path):
+    """CTL from exact posterior samples (one per problem, as joint_infill_samples gives),
+    with a conditional head, lowers the exact CTL objective sum_t KL(sigma_t || pi_t)."""
+    model, tok, targets = setup
+    targets = targets["soft"]
+    prompts, refs, cond = exact_problems(tok, targets, per_prompt=200)
+    cfg = CTLConfig(
+        steps=200,
+        prompts_per_step=16,
+        num_negatives=16,
+        negatives="twisted",  # 'base' negatives diverge here (psi drifts up where p is rare)
+        positives="given",
+        max_new_tokens=T,
+        lr=1e-2,
+        out_dir=str(tmp_path),
+        progress=False,
+        save_every=0,
+    )
+    torch.manual_seed(0)
+    head = TwistHead(32, 9, width=32, cond_size=2)
+    ids = prompt_ids(tok)
+
+    def kl(h):  # twist_error reads the plain head; bind each prompt's condition
+        out = []
+        for b, (i, t) in enumerate(zip(ids, targets)):
+            bound = lambda hidden, h=h, b=b: h(hidden, torch.eye(2)[b])  # noqa: E731
+            out.append(twist_error(model, bound, i, t, T)["ctl_kl"])
+        return sum(out) / len(out)
+
+    before = kl(head)
+    with pytest.raises(ValueError, match="references"):
+        CTLTrainer(model, tok, prompts, SOFT, head, cfg, eos_token_ids=[EOS], conditions=cond)
+    with pytest.raises(ValueError, match="conditions"):
+        CTLTrainer(model, tok, prompts, SOFT, head, cfg, eos_token_ids=[EOS], references=refs)
+    trainer = CTLTrainer(
+        model, tok, prompts, SOFT, head, cfg, eos_token_ids=[EOS], conditions=cond, references=refs
+    )
+    loss, stats = trainer.batch_loss()
+    assert math.isfinite(float(loss.detach())) and stats["ess"] == 1.0
+    trainer.train()
+    after = kl(head.eval())
+    assert after < 0.2 * before, (before, after)  # ~4.9 -> ~0.4
 
 
 @pytest.mark.slow
