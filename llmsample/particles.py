@@ -10,6 +10,11 @@ it; they never mutate it.
     x.texts()         # decoded continuations, EOS and padding stripped
     x.prompt_texts()  # decoded prompt of each row
     x.select(rows)    # the same view restricted to some rows
+    x.rows            # [R] each row's number in the SMC run (None outside the engine)
+
+``rows`` lets a stateful twist find its own per-row state: the engine numbers its rows
+0..R-1 in the order of its ``start``/``reorder``/``advance`` calls, and a view of some
+rows (``select``) keeps their numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Particles:
         eos_token_ids: Tensor,
         max_new_tokens: int,
         vocab_size: int,
+        rows: Tensor | None = None,
     ):
         self.tokens = tokens  # [R, t]
         self.lengths = lengths  # [R]
@@ -46,6 +52,7 @@ class Particles:
         self.eos_token_ids = eos_token_ids  # [E]
         self.max_new_tokens = max_new_tokens
         self.vocab_size = vocab_size
+        self.rows = rows  # [R] row numbers in the SMC run, or None
 
     @property
     def num_rows(self) -> int:
@@ -71,6 +78,7 @@ class Particles:
             self.eos_token_ids,
             self.max_new_tokens,
             self.vocab_size,
+            None if self.rows is None else self.rows[rows],
         )
 
     def content_mask(self) -> Tensor:

@@ -212,8 +212,12 @@ def run_smc(
     prompt_index = torch.arange(B, device=device).repeat_interleave(N)
     ess_trace, resampled_trace = [], []
 
+    row_numbers = torch.arange(R, device=device)  # what stateful twists index their state by
+
     def view(rows_tokens, rows_lengths) -> Particles:
-        return Particles(rows_tokens, rows_lengths, prompt_index, prompts, tokenizer, eos, T, V)
+        return Particles(
+            rows_tokens, rows_lengths, prompt_index, prompts, tokenizer, eos, T, V, row_numbers
+        )
 
     buf = torch.full((R, T), prompts.pad_token_id, dtype=torch.long, device=device)
     tokens = buf[:, :0]
@@ -328,7 +332,10 @@ def run_smc(
             "More particles, a twist, or a softer potential may help.",
             stacklevel=3,
         )
+    # model positions of every pass: the target's session, a model proposal's, a stateful
+    # twist's own sessions (LearnedTwist, FlowTwist), and the potential's scoring
     forward = session.forward_tokens + getattr(proposal, "forward_tokens", 0)
+    forward += getattr(twist, "forward_tokens", 0)
     forward += getattr(potential, "forward_tokens", 0) - potential_tokens_before
     seq = torch.cat([prompts.input_ids.repeat_interleave(N, dim=0), tokens], dim=1)
     final = Particles(tokens, lengths, prompt_index, prompts, tokenizer, eos, T, V)

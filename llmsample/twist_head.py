@@ -40,9 +40,8 @@ one-token EOS extensions (and on all R·V extensions at the last step).
 (``output_hidden_states``) with a per-row hidden state [R, H], stepped in ``advance``
 and permuted in ``reorder`` exactly like the engine's cache: the base model runs a
 second time per step (twice the decoding FLOPs; no O(T^2) re-encoding). The engine
-calls ``prefix`` on a subset of rows (the running ones) without their row numbers;
-the twist finds each one's state row by content (prompt, tokens), which is exact
-because its scores are a function of that content alone.
+calls ``prefix`` on a subset of rows (the running ones); ``Particles.rows`` gives their
+state rows.
 """
 
 from __future__ import annotations
@@ -143,21 +142,6 @@ def text_features(model, tokenizer, texts: list[str], batch_size: int = 64) -> T
     return torch.cat(out)
 
 
-def _match_rows(query: Tensor, keys: Tensor) -> Tensor:
-    """For each row of ``query`` [r, k], the index of a row of ``keys`` [R, k] equal to it."""
-    R = keys.shape[0]
-    _, inverse = torch.unique(torch.cat([keys, query]), dim=0, return_inverse=True)
-    rep = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long, device=keys.device)
-    rep.scatter_reduce_(0, inverse[:R], torch.arange(R, device=keys.device), reduce="amax")
-    rows = rep[inverse[R:]]
-    if bool((rows < 0).any()):
-        raise RuntimeError(
-            "LearnedTwist was asked about a prefix it has no state for; it must be driven by "
-            "the SMC engine (start/advance/reorder) on the same rows"
-        )
-    return rows
-
-
 class LearnedTwist(Twist):
     """A :class:`TwistHead` on ``model`` (the frozen base LM of the SMC run) as a twist.
 
@@ -201,19 +185,17 @@ class LearnedTwist(Twist):
         self.session = LMSession(self.model, prompts, num_particles, hidden=True)
         dev = self.session.device
         self.prompt_index = torch.arange(prompts.size, device=dev).repeat_interleave(num_particles)
-        self.tokens = torch.zeros(self.prompt_index.shape[0], 0, dtype=torch.long, device=dev)
+        self.step = 0
         self._scores = None
 
     def advance(self, tokens: Tensor) -> None:
-        tokens = tokens.to(self.session.device)
-        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
-        self.session.step(tokens)
+        self.session.step(tokens.to(self.session.device))
+        self.step += 1
         self._scores = None
 
     def reorder(self, index: Tensor) -> None:
         index = index.to(self.session.device)
         self.session.reorder(index)
-        self.tokens = self.tokens[index]
         self.prompt_index = self.prompt_index[index]
         if self._scores is not None:
             self._scores = self._scores[index]
@@ -231,28 +213,28 @@ class LearnedTwist(Twist):
             self._scores = s.to(device=self.session.device, dtype=torch.float64)
         return self._scores
 
-    def _rows(self, x: Particles, tokens: Tensor) -> Tensor:
-        """State rows holding the prefixes ``tokens`` ([r, t]) of the rows of ``x``."""
-        dev = self.session.device
-        tokens, pi = tokens.to(dev), x.prompt_index.to(dev)
-        if tokens.shape[1] != self.tokens.shape[1]:
+    def _rows(self, x: Particles, prefix_length: int) -> Tensor:
+        """State rows of the rows of ``x``, whose first ``prefix_length`` tokens the state
+        has read."""
+        if self.session is None or x.rows is None:
             raise RuntimeError(
-                f"LearnedTwist is at step {self.tokens.shape[1]} but was asked about prefixes of "
-                f"length {tokens.shape[1]}"
+                "LearnedTwist keeps per-row state: it must be driven by the SMC engine "
+                "(smc_generate / run_smc), whose Particles carry their row numbers"
             )
-        if tokens.shape[0] == self.tokens.shape[0] and torch.equal(tokens, self.tokens):
-            if torch.equal(pi, self.prompt_index):
-                return torch.arange(tokens.shape[0], device=dev)
-        keys = torch.cat([self.prompt_index[:, None], self.tokens], dim=1)
-        return _match_rows(torch.cat([pi[:, None], tokens], dim=1), keys)
+        if prefix_length != self.step:
+            raise RuntimeError(
+                f"LearnedTwist is at step {self.step} but was asked about prefixes of "
+                f"length {prefix_length}"
+            )
+        return x.rows.to(self.session.device)
 
     def prefix(self, x: Particles) -> Tensor:
-        rows = self._rows(x, x.tokens[:, :-1])
+        rows = self._rows(x, x.step - 1)
         last = x.tokens[:, -1:].to(self.session.device)
         return self.scores[rows].gather(1, last)[:, 0].to(x.device)
 
     def next_token(self, x: Particles) -> Tensor:
-        out = self.scores[self._rows(x, x.tokens)].to(x.device).clone()  # [R, V]
+        out = self.scores[self._rows(x, x.step)].to(x.device).clone()  # [R, V]
         t, T, V = x.step, x.max_new_tokens, x.vocab_size
         active = x.lengths == t  # rows still running (finished rows' scores are unused)
         if not bool(active.any()):

@@ -11,7 +11,8 @@ sigma has mass). A good twist only lowers variance.
 Sources here: :class:`NoTwist` (psi = 1, plain SMC), :class:`PotentialTwist` (a
 potential's own prefix scores). A learned twist subclasses :class:`Twist`: it may keep
 per-row state (e.g. its own KV cache) through ``start``/``advance``/``reorder``,
-which the engine calls exactly as for the base model's cache, as
+which the engine calls exactly as for the base model's cache, and find the state of
+the rows it is asked about by their numbers ``x.rows``, as
 :class:`~llmsample.twist_head.LearnedTwist` does (a head trained by :mod:`llmsample.ctl`).
 """
 

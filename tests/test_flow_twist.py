@@ -94,6 +94,7 @@ def _drive(twist, tok, target_keys=None):
             torch.tensor([TOY_EOS]),
             T,
             V,
+            torch.arange(R),
         )
         vals = twist.prefix(x)
         out.update({tuple(r): float(v) for r, v in zip(tokens.tolist(), vals)})
@@ -133,8 +134,9 @@ def test_flow_twist_with_exact_sigma_stop_matches_psi_star(target):
     assert set(got) == set(stop) and err < 1e-4, err
 
 
-def test_prefix_on_a_subset_maps_rows_by_content():
-    """Asked about a subset (duplicates included), each row gets its own state row."""
+def test_prefix_on_a_subset_uses_row_numbers():
+    """Asked about a subset of rows (out of order), each gets its own state row; a view
+    without row numbers (not from the engine) is refused."""
     tok = toy_tokenizer(with_pad=True)
     policy = _policy(toy_model("gpt2"))
     batch = encode_prompts(tok, [PROMPT, "c d e"])
@@ -145,7 +147,7 @@ def test_prefix_on_a_subset_maps_rows_by_content():
         R = len(rows)
         pi = torch.tensor([0, 0, 0, 1, 1, 1])[rows]
         return Particles(
-            tokens[rows], torch.full((R,), 2), pi, batch, tok, torch.tensor([TOY_EOS]), T, 9
+            tokens[rows], torch.full((R,), 2), pi, batch, tok, torch.tensor([TOY_EOS]), T, 9, rows
         )
 
     tokens = torch.stack([first, second], dim=1)
@@ -159,6 +161,10 @@ def test_prefix_on_a_subset_maps_rows_by_content():
     rows = torch.tensor([1, 0, 5, 4])  # out of order, rows 0 and 1 share a prefix
     got = sub.prefix(view(tokens, rows))
     assert torch.allclose(got, want[rows], atol=1e-5), (got, want[rows])
+    plain = view(tokens, rows)
+    plain.rows = None
+    with pytest.raises(RuntimeError, match="SMC engine"):
+        full.prefix(plain)
 
 
 def _smc(model, tok, runs, twist, N, seed):

@@ -26,14 +26,9 @@ positive on every stopped prefix (soft rewards), as modified SubTB itself requir
 **State and cost.** Two KV-cached incremental passes (policy with its adapter, and the
 base model): two extra decoding forwards per step. ``prefix`` needs the stop
 probabilities *after* the token just drawn, so it steps both sessions on the spot and
-``advance`` then runs nothing. The engine asks about a subset of rows (the running ones)
-without their row numbers: each is matched by content (prompt, tokens) to a distinct
-state row holding its prefix, and that row is stepped with its new token (rows not asked
-about get the stop token). Equal prefixes are interchangeable, so the match need not be
-the row's own; ``reorder`` (resampling, between ``prefix`` and ``advance``) is therefore
-deferred, and ``advance``, which gets every row's token, gives each row a state row
-holding its (prefix, token), by content again. The scores are a function of content
-alone, so this is exact; rows nobody holds (finished ones) get any state row.
+``advance`` then runs nothing. The engine asks about a subset of rows (the running ones,
+``Particles.rows``); the other rows are stepped with the stop token: they have finished
+and are never asked again (resampling only moves running rows onto running rows).
 """
 
 from __future__ import annotations
@@ -56,43 +51,6 @@ def flow_log_psi(log_p_stop: Tensor, log_phi_stop: Tensor, log_q_stop: Tensor) -
     """log psi = log p(STOP|x) + log phi(x + STOP) - log q(STOP|x), elementwise, float64."""
     out = log_p_stop.double() + log_phi_stop.double() - log_q_stop.double()
     return torch.where(torch.isneginf(log_phi_stop.double()), -torch.inf, out)
-
-
-def _match_rows_1to1(query: Tensor, keys: Tensor) -> Tensor:
-    """For each row of ``query`` [r, k] a distinct row of ``keys`` [R, k] equal to it:
-    equal rows are paired in order (the i-th such query row gets the i-th such key)."""
-    R, r = keys.shape[0], query.shape[0]
-    dev = keys.device
-    _, inv = torch.unique(torch.cat([keys, query]), dim=0, return_inverse=True)
-
-    def ranks(g: Tensor) -> Tensor:  # occurrence number of each element within its group
-        order = torch.sort(g, stable=True).indices
-        sg = g[order]
-        first = torch.searchsorted(sg, sg, side="left")
-        rank = torch.empty_like(g)
-        rank[order] = torch.arange(g.shape[0], device=dev) - first
-        return rank
-
-    gk, gq = inv[:R], inv[R:]
-    code_k = gk * (R + r + 1) + ranks(gk)
-    code_q = gq * (R + r + 1) + ranks(gq)
-    sk, order = torch.sort(code_k)
-    pos = torch.searchsorted(sk, code_q).clamp(max=max(R - 1, 0))
-    if R == 0 or not bool((sk[pos] == code_q).all()):
-        raise RuntimeError(
-            "FlowTwist was asked about a prefix it has no state for; it must be driven by "
-            "the SMC engine (start/advance/reorder) on the same rows"
-        )
-    return order[pos]
-
-
-def _match_rows_any(query: Tensor, keys: Tensor) -> Tensor:
-    """For each row of ``query`` [r, k] some row of ``keys`` [R, k] equal to it, or -1."""
-    R = keys.shape[0]
-    _, inv = torch.unique(torch.cat([keys, query]), dim=0, return_inverse=True)
-    rep = torch.full((int(inv.max()) + 1,), -1, dtype=torch.long, device=keys.device)
-    rep.scatter_reduce_(0, inv[:R], torch.arange(R, device=keys.device), reduce="amax")
-    return rep[inv[R:]]
 
 
 def _is_peft_of(policy, model) -> bool:
@@ -153,71 +111,50 @@ class FlowTwist(Twist):
         self.q_session = None
         if self.policy is not None and self.log_q_stop is None:
             self.q_session = LMSession(self.policy, prompts, num_particles)
-        dev = self.p_session.device
-        self.prompt_index = torch.arange(prompts.size, device=dev).repeat_interleave(num_particles)
-        self.tokens = torch.zeros(self.prompt_index.shape[0], 0, dtype=torch.long, device=dev)
-        # set by prefix(), which steps the sessions: the (prompt, tokens) each session row
-        # holds, [R, 1 + t + 1], until advance() re-maps the rows
-        self.held: Tensor | None = None
+        self.step = 0
+        self.asked: Tensor | None = None  # rows prefix() stepped with their token
 
     def _sessions(self):
         return [s for s in (self.p_session, self.q_session) if s is not None]
 
-    def _step(self, tokens: Tensor) -> None:
-        for s in self._sessions():
-            s.step(tokens)
-
     def advance(self, tokens: Tensor) -> None:
-        tokens = tokens.to(self.p_session.device)
-        if self.held is None:
-            self._step(tokens)
-            self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
-            return
-        # prefix() already stepped the sessions, on rows matched by content only (equal
-        # prefixes are interchangeable, and the rows it was not asked about are unknown),
-        # and reorder() has not moved them since. Now each row's content is known: give it
-        # a state row that holds it (rows nobody holds, i.e. rows that have finished and
-        # are never scored again, get any); the keys record what each row holds.
-        want = torch.cat([self.prompt_index[:, None], self.tokens, tokens[:, None]], dim=1)
-        held, self.held = self.held, None
-        if not torch.equal(held, want):
-            rows = _match_rows_any(want, held).clamp(min=0)
+        if self.asked is None:  # prefix() was not called: step with every row's token
             for s in self._sessions():
-                s.reorder(rows)
-            held = held[rows]
-        self.prompt_index, self.tokens = held[:, 0], held[:, 1:]
+                s.step(tokens.to(self.p_session.device))
+        self.asked = None
+        self.step += 1
 
     def reorder(self, index: Tensor) -> None:
         index = index.to(self.p_session.device)
-        if self.held is None:  # (between prefix() and advance(), advance re-maps the rows)
-            for s in self._sessions():
-                s.reorder(index)
-        self.tokens = self.tokens[index]
-        self.prompt_index = self.prompt_index[index]
+        for s in self._sessions():
+            s.reorder(index)
+        if self.asked is not None:
+            self.asked = self.asked[index]
 
     def _rows(self, x: Particles) -> Tensor:
         """State rows of the rows of ``x`` (whose last token is the one just drawn),
-        stepping the sessions with those tokens first if not done yet."""
-        dev = self.p_session.device
-        tok, pi = x.tokens.to(dev), x.prompt_index.to(dev)
-        t = self.tokens.shape[1]
-        if tok.shape[1] != t + 1:
+        stepping the sessions with those tokens first if not done yet at this step."""
+        if self.p_session is None or x.rows is None:
             raise RuntimeError(
-                f"FlowTwist is at step {t} but was asked about prefixes of length {tok.shape[1]}"
+                "FlowTwist keeps per-row state: it must be driven by the SMC engine "
+                "(smc_generate / run_smc), whose Particles carry their row numbers"
             )
-        query = torch.cat([pi[:, None], tok], dim=1)
-        if self.held is not None:  # asked again at the same step
-            return _match_rows_1to1(query, self.held)
-        keys = torch.cat([self.prompt_index[:, None], self.tokens], dim=1)
-        R = keys.shape[0]
-        if query.shape[0] == R and torch.equal(query[:, :-1], keys):
-            rows = torch.arange(R, device=dev)
-        else:
-            rows = _match_rows_1to1(query[:, :-1], keys)
-        pending = torch.full((R,), self.stop, dtype=torch.long, device=dev)
-        pending[rows] = tok[:, -1]
-        self._step(pending)
-        self.held = torch.cat([keys, pending[:, None]], dim=1)  # what the sessions hold
+        if x.step != self.step + 1:
+            raise RuntimeError(
+                f"FlowTwist is at step {self.step} but was asked about prefixes of length {x.step}"
+            )
+        dev = self.p_session.device
+        rows = x.rows.to(dev)
+        if self.asked is None:
+            R = self.p_session.logp.shape[0]
+            pending = torch.full((R,), self.stop, dtype=torch.long, device=dev)
+            pending[rows] = x.tokens[:, -1].to(dev)
+            for s in self._sessions():
+                s.step(pending)
+            self.asked = torch.zeros(R, dtype=torch.bool, device=dev)
+            self.asked[rows] = True
+        elif not bool(self.asked[rows].all()):
+            raise RuntimeError("FlowTwist was asked about new rows twice in one step")
         return rows
 
     def _stopped(self, x: Particles) -> Particles:
