@@ -26,7 +26,8 @@ optimal proposal q ∝ p·psi weighs EOS (phi) against psi and does.
 **Estimators** (per prompt, per step, :func:`ctl_loss`):
 
 - *positives*: properly weighted samples of sigma (SMC or importance sampling with the
-  current twist), weights self-normalized over the rows whose prefix lies in Y_t:
+  current twist, or exact draws where a problem comes with one, e.g. synthetic
+  infilling), weights self-normalized over the rows whose prefix lies in Y_t:
   E_{sigma_t}[log psi_t] ≈ sum_k w_k log psi_t(x^k_<=t).
 - *negatives*, exact in the last token: write y = (x_<t, v) with x_<t running; then
   Z_t = sum_{x_<t} p(x_<t) sum_v p(v | x_<t) psi_t(x_<t, v), where the inner sum over
@@ -43,6 +44,14 @@ optimal proposal q ∝ p·psi weighs EOS (phi) against psi and does.
   r = p: simpler, but regions p rarely visits are never contrasted and psi can drift
   up there (seen on the exact task with a constant learning rate: the objective first
   falls, then climbs back).
+- *negatives, sampled* (``negatives='sampled'`` in the trainer): ancestral draws
+  y_m ~ p scored at their sampled token only, pooled with the positives:
+  log Z_t ≈ log ((sum_m psi(y_m) + K sum_k w_k psi(y+_k)) / (M + K)). This is a
+  conditional (CSMC-like) estimate, biased upwards in expectation, so the loss bounds
+  the objective from above and tends to it as M grows; it cannot run away (with one
+  positive, each (prompt, step) term is >= -log(1 + M)), and it needs log phi once per draw rather
+  than once per draw and step (the cost that matters for text potentials). Same
+  function: pass the pool as ``neg_scores`` [B, M+K, S, 1] with ``neg_logp`` = 0.
 
 The trainer (sampling positives and negatives, AdamW on the head, checkpoints) is
 :mod:`llmsample.ctl_trainer`.

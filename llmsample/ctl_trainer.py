@@ -34,26 +34,40 @@ __all__ = ["CTLConfig", "CTLTrainer", "train_ctl"]
 
 
 class _StoppedOnly(Potential):
-    """``inner`` on rows that ended with an EOS id, 0 on rows cut at the horizon.
+    """``inner``'s log phi on rows that ended with an EOS id, memoized; 0 on rows cut at
+    the horizon.
 
     The twisted negatives are drawn from q ∝ p·psi with horizon T - 1: CTL reads only
     their first T - 2 tokens (the parents x_<t, t <= T - 1), whose law does not depend
     on the horizon, but at the horizon every token completes a row, and a text potential
     would be called on all R·V one-token extensions. Those last tokens are never used,
-    so the cut rows get phi = 1 instead.
+    so the cut rows get phi = 1 instead. The memo (keyed by prompt row and tokens, EOS
+    included) lets the loss reuse the EOS-column values the sampler already computed.
     """
 
     def __init__(self, inner: Potential | None, eos: Tensor):
         self.inner, self.eos = inner, eos
+        self.memo: dict[tuple[int, ...], float] = {}
 
     def complete(self, x: Particles) -> Tensor:
         out = torch.zeros(x.num_rows, dtype=torch.float64, device=x.device)
         if self.inner is None or x.num_rows == 0:
             return out
         last = x.tokens.gather(1, (x.lengths - 1).clamp(min=0)[:, None])[:, 0]
-        stopped = torch.isin(last, self.eos.to(x.device)).nonzero()[:, 0]
-        if stopped.numel():
-            out[stopped] = self.inner.complete(x.select(stopped)).to(out)
+        stopped = torch.isin(last, self.eos.to(x.device)).nonzero()[:, 0].tolist()
+        rows = [
+            (r, (int(x.prompt_index[r]), *x.tokens[r, : int(x.lengths[r])].tolist()))
+            for r in stopped
+        ]
+        todo = [r for r, key in rows if key not in self.memo]
+        if todo:
+            index = torch.tensor(todo, device=x.device)
+            vals = self.inner.complete(x.select(index)).to(torch.float64).tolist()
+            for r, v in zip(todo, vals):
+                key = (int(x.prompt_index[r]), *x.tokens[r, : int(x.lengths[r])].tolist())
+                self.memo[key] = v
+        for r, key in rows:
+            out[r] = self.memo[key]
         return out
 
 
@@ -71,7 +85,9 @@ class CTLConfig:
     num_negatives: int = _help("negatives: draws per prompt per step", 128)
     negatives: str = _help(
         "twisted: draws from q ∝ p·psi (covers where psi is large: self-correcting) | "
-        "base: ancestral draws from p",
+        "base: ancestral draws from p | sampled: draws from p, scored at their sampled "
+        "token only and pooled with the positives (a bounded loss; one potential call per "
+        "draw instead of one per draw and step)",
         "twisted",
     )
     positives: str = _help(
@@ -109,8 +125,10 @@ class CTLConfig:
             raise ValueError(
                 f"positives must be 'smc', 'importance' or 'given', got {self.positives!r}"
             )
-        if self.negatives not in ("twisted", "base"):
-            raise ValueError(f"negatives must be 'twisted' or 'base', got {self.negatives!r}")
+        if self.negatives not in ("twisted", "base", "sampled"):
+            raise ValueError(
+                f"negatives must be 'twisted', 'base' or 'sampled', got {self.negatives!r}"
+            )
         if self.proposal not in ("base", "optimal"):
             raise ValueError(f"proposal must be 'base' or 'optimal', got {self.proposal!r}")
         if not self.ess_threshold >= 0:
@@ -251,16 +269,14 @@ class CTLTrainer:
                 seed=seeds[0],
                 eos_token_id=self.eos,
             )
+        stopped = _StoppedOnly(potential, torch.as_tensor(self.eos))
         if cfg.negatives == "twisted":  # plain draws from q ∝ p·psi (no weights, no resampling)
-            eos_t = torch.as_tensor(self.eos)
             neg = smc_generate(
                 self.model,
                 self.tokenizer,
                 texts,
-                potential=_StoppedOnly(potential, eos_t),
-                twist=LearnedTwist(
-                    self.model, self.unwrapped, _StoppedOnly(potential, eos_t), condition=cond
-                ),
+                potential=stopped,
+                twist=LearnedTwist(self.model, self.unwrapped, stopped, condition=cond),
                 proposal="optimal",
                 num_particles=M,
                 max_new_tokens=T - 1,  # only the first T - 2 tokens are read (_StoppedOnly)
@@ -306,7 +322,6 @@ class CTLTrainer:
         hidden, logp = base_states(self.model, prompts, pi, torch.cat([pos_tok, neg_tok]), S)
         row_cond = None if cond is None else cond.to(device)[pi][:, None, :]
         scores = self.head(hidden, row_cond)  # [B*(K+M), S, V], with grad
-        V = scores.shape[-1]
         steps = torch.arange(1, S + 1, device=device)  # t = 1..S
         # positives: log psi_t(x_<=t), or log phi where the row completed at t
         pos_scores = scores[: B * K].double()
@@ -314,9 +329,91 @@ class CTLTrainer:
         done_at = steps[None, :] == pos_len[:, None]
         pos_log_psi = torch.where(done_at, log_phi[:, None], gathered)
         pos_mask = steps[None, :] <= pos_len[:, None]
-        # negatives: every next token of each running parent, EOS columns log phi
-        neg_scores = scores[B * K :].double()  # [B*M, S, V]
+        if cfg.negatives == "sampled":
+            loss = self._sampled_loss(
+                scores[B * K :].double(),
+                neg_tok,
+                neg_len,
+                stopped,
+                prompts,
+                pos_log_psi.view(B, K, S),
+                pos_log_w,
+                pos_mask.view(B, K, S),
+            )
+        else:
+            loss = self._exact_last_token_loss(
+                scores[B * K :].double(),
+                logp[B * K :].double(),
+                neg_tok,
+                neg_len,
+                stopped,
+                prompts,
+                pos_log_psi.view(B, K, S),
+                pos_log_w,
+                pos_mask.view(B, K, S),
+            )
+        if cfg.positives == "given":
+            return loss, dict(ess=1.0, log_phi=float(log_phi.mean()))
+        ess = torch.exp(-torch.logsumexp(2 * pos.log_weights, dim=1))
+        stats = dict(
+            log_z=float(pos.log_z.mean()),
+            ess=float(ess.mean()),
+            resample_rate=float(pos.resampled.float().mean()),
+        )
+        return loss, stats
+
+    def _sampled_loss(self, neg_scores, neg_tok, neg_len, stopped, prompts, pos_psi, pos_w, pos_m):
+        """``negatives='sampled'``: log Z_t from the draws of p at their sampled token
+        (log phi where a draw completed at t), pooled with the positives (each positive
+        set counted as K draws): log ((sum_m psi(y_m) + K sum_k w_k psi(y+_k)) / (M + K)).
+        With the positives in the pool, the loss is bounded below by 0 per (prompt, step)."""
+        B, K, S = pos_psi.shape
+        M = neg_scores.shape[0] // B
+        device = neg_scores.device
+        steps = torch.arange(1, S + 1, device=device)
+        gathered = neg_scores.gather(2, neg_tok[:, :S, None])[..., 0]  # [B*M, S]
+        done = (neg_len <= S).nonzero()[:, 0]  # draws that complete within t = 1..S
+        log_phi = torch.zeros(B * M, dtype=torch.float64, device=device)
+        if done.numel():
+            x = Particles(
+                neg_tok[done],
+                neg_len[done],
+                torch.arange(B, device=device).repeat_interleave(M)[done],
+                prompts.to(device),
+                self.tokenizer,
+                torch.as_tensor(self.eos, device=device),
+                self.cfg.max_new_tokens,
+                neg_scores.shape[-1],
+            )
+            log_phi[done] = stopped.complete(x)
+        neg_psi = torch.where(steps[None, :] == neg_len[:, None], log_phi[:, None], gathered)
         neg_mask = steps[None, :] <= neg_len[:, None]
+        w = torch.log_softmax(pos_w.detach().double(), dim=1) + math.log(K)  # [B, K]
+        pool_psi = torch.cat([neg_psi.view(B, M, S), pos_psi], dim=1)[..., None]  # [B, M+K, S, 1]
+        pool_w = torch.cat([pos_w.new_zeros(B, M, dtype=torch.float64), w], dim=1)  # [B, M+K]
+        return ctl_loss(
+            pos_psi,
+            pos_w,
+            pos_m,
+            pool_psi,
+            torch.zeros_like(pool_psi),
+            torch.cat([neg_mask.view(B, M, S), pos_m], dim=1),
+            pool_w,
+        )
+
+    def _exact_last_token_loss(
+        self, neg_scores, neg_logp, neg_tok, neg_len, stopped, prompts, pos_psi, pos_w, pos_m
+    ):
+        """``negatives='base'|'twisted'``: every next token of each running parent, EOS
+        columns log phi (the last token summed exactly; see :func:`ctl_loss`)."""
+        B, K, S = pos_psi.shape
+        M = neg_scores.shape[0] // B
+        V = neg_scores.shape[-1]
+        T = self.cfg.max_new_tokens
+        device = neg_scores.device
+        steps = torch.arange(1, S + 1, device=device)
+        index = torch.arange(B, device=device)
+        neg_mask = steps[None, :] <= neg_len[:, None]  # [B*M, S] the parent x_<t is running
         eos_t = torch.as_tensor(self.eos, device=device)
         fill = torch.zeros(B * M, S, V, dtype=torch.float64, device=device)
         is_eos = torch.zeros(V, dtype=torch.bool, device=device)
@@ -336,11 +433,10 @@ class CTLTrainer:
                     T,
                     V,
                 )
-                fill[rows, t - 1, e] = self._complete(potential, x)
+                fill[rows, t - 1, e] = stopped.complete(x)
         neg_scores = torch.where(is_eos, fill, neg_scores)
-        neg_logp = logp[B * K :].double()
         neg_log_w = None
-        if cfg.negatives == "twisted":
+        if self.cfg.negatives == "twisted":
             # (p/q)(x_<t) = prod_{s<t} p(x_s)/q(x_s), q ∝ p·psi as the sampler computed it
             log_q = torch.log_softmax(neg_logp + neg_scores, dim=-1).detach()
             nxt = neg_tok[:, : S - 1, None]
@@ -348,24 +444,15 @@ class CTLTrainer:
             real = steps[None, : S - 1] < neg_len[:, None]  # x_s is a real non-EOS token
             lpq = torch.where(real, lpq, 0.0)
             neg_log_w = torch.cat([lpq.new_zeros(B * M, 1), lpq.cumsum(1)], dim=1).view(B, M, S)
-        loss = ctl_loss(
-            pos_log_psi.view(B, K, S),
-            pos_log_w,
-            pos_mask.view(B, K, S),
+        return ctl_loss(
+            pos_psi,
+            pos_w,
+            pos_m,
             neg_scores.view(B, M, S, V),
             neg_logp.view(B, M, S, V),
             neg_mask.view(B, M, S),
             neg_log_w,
         )
-        if cfg.positives == "given":
-            return loss, dict(ess=1.0, log_phi=float(log_phi.mean()))
-        ess = torch.exp(-torch.logsumexp(2 * pos.log_weights, dim=1))
-        stats = dict(
-            log_z=float(pos.log_z.mean()),
-            ess=float(ess.mean()),
-            resample_rate=float(pos.resampled.float().mean()),
-        )
-        return loss, stats
 
     def _given(self, chosen: list[int], potential, prompts, T: int):
         """The given exact samples of the chosen prompts as positives (K = 1, weight 1):

@@ -476,7 +476,9 @@ def test_checkpoint_resume_restores_identical_head(setup, tmp_path):
         assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("positives,negatives", [("importance", "base"), ("smc", "twisted")])
+@pytest.mark.parametrize(
+    "positives,negatives", [("importance", "base"), ("smc", "twisted"), ("smc", "sampled")]
+)
 def test_batch_loss_is_finite_with_gradients(setup, tmp_path, positives, negatives):
     model, tok, _ = setup
     cfg = CTLConfig(
@@ -511,7 +513,8 @@ def exact_problems(tok, targets, per_prompt: int, seed: int = 0):
     return prompts, refs, torch.stack(cond)
 
 
-def test_given_positives_train_a_conditional_head_towards_psi_star(setup, tmp_path):
+@pytest.mark.parametrize("negatives", ["twisted", "sampled"])
+def test_given_positives_train_a_conditional_head_towards_psi_star(setup, tmp_path, negatives):
     """CTL from exact posterior samples (one per problem, as joint_infill_samples gives),
     with a conditional head, lowers the exact CTL objective sum_t KL(sigma_t || pi_t)."""
     model, tok, targets = setup
@@ -521,7 +524,7 @@ def test_given_positives_train_a_conditional_head_towards_psi_star(setup, tmp_pa
         steps=200,
         prompts_per_step=16,
         num_negatives=16,
-        negatives="twisted",  # 'base' negatives diverge here (psi drifts up where p is rare)
+        negatives=negatives,  # 'base' negatives diverge here (psi drifts up where p is rare)
         positives="given",
         max_new_tokens=T,
         lr=1e-2,
