@@ -5,8 +5,9 @@ objective of :mod:`llmsample.ctl` (the loss and its math live there).
 
 Each step alternates sampling (positives from ``smc_generate`` with the current twist,
 negatives from q_psi or p) and an AdamW step on the head; the base model stays frozen.
-Checkpoints (head, optimizer, step, RNG) go to ``out_dir/checkpoints`` every
-``save_every`` steps and at ``max_minutes``; a rerun resumes from the newest. The head
+Checkpoints (head, optimizer, schedule, step, RNG; ``llmsample.checkpoints``) go to
+``out_dir/checkpoints`` every ``save_every`` steps, at ``max_minutes`` and on
+SIGINT/SIGTERM (then the run stops); a rerun resumes from the newest. The head
 is exported to ``out_dir/twist_head.pt`` (``TwistHead.load``).
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from llmsample.checkpoints import StopFlag, list_checkpoints, load_checkpoint, save_checkpoint
 from llmsample.ctl import base_states, ctl_loss, lengths_of
 from llmsample.lm import encode_prompts
 from llmsample.particles import Particles
@@ -216,6 +217,7 @@ class CTLTrainer:
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
         self.head, self.opt = self.acc.prepare(head, self.opt)
+        self.acc.register_for_checkpointing(self.sched)
         self.gen = torch.Generator().manual_seed(cfg.seed + self.acc.process_index)
         self.step, self.elapsed = 0, 0.0
 
@@ -482,50 +484,26 @@ class CTLTrainer:
         return tok, log_w, self._complete(potential, x)
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoints(self) -> list[Path]:
-        folder = self.out / "checkpoints"
-        found = list(folder.glob("step_*.pt")) if folder.is_dir() else []
-        return sorted(found, key=lambda p: int(p.stem.split("_")[1]))
-
     def save(self) -> Path:
+        state = dict(step=self.step, elapsed=self.elapsed, head_config=self.unwrapped.config)
         folder = self.out / "checkpoints"
-        path = folder / f"step_{self.step:07d}.pt"
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            state = dict(
-                head=self.unwrapped.state_dict(),
-                head_config=self.unwrapped.config,
-                opt=self.opt.state_dict(),
-                sched=self.sched.state_dict(),
-                step=self.step,
-                elapsed=self.elapsed,
-                gen=self.gen.get_state(),
-                torch_rng=torch.get_rng_state(),
-            )
-            tmp = path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
-            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
-                old.unlink(missing_ok=True)
-        self.acc.wait_for_everyone()
-        return path
+        extra = {"gen": self.gen.get_state()}
+        return save_checkpoint(
+            self.acc, folder, self.step, state, extra, self.cfg.keep_checkpoints, "ctl.pt"
+        )
 
     def resume(self) -> bool:
-        found = self._checkpoints()
+        found = list_checkpoints(self.out / "checkpoints")
         if not found:
             return False
-        state = torch.load(found[-1], map_location="cpu", weights_only=False)
+        state = json.loads((found[-1] / "trainer_state.json").read_text())
         if state["head_config"] != self.unwrapped.config:
             raise ValueError(
                 f"checkpoint {found[-1]} holds a head {state['head_config']}, not "
                 f"{self.unwrapped.config}; use another out_dir"
             )
-        self.unwrapped.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        self.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+        state, extra = load_checkpoint(self.acc, found[-1], "ctl.pt")
+        self.gen.set_state(extra["gen"])
         self.step, self.elapsed = state["step"], state["elapsed"]
         return True
 
@@ -565,32 +543,33 @@ class CTLTrainer:
         )
         start = time.monotonic() - self.elapsed
         stopped = False
-        while self.step < cfg.steps:
-            t0 = time.monotonic()
-            self.head.train()
-            loss, stats = self.batch_loss()
-            self.acc.backward(loss)
-            if cfg.max_grad_norm > 0:
-                self.acc.clip_grad_norm_(self.head.parameters(), cfg.max_grad_norm)
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad()
-            self.step += 1
-            self.elapsed = time.monotonic() - start
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3g}", ess=f"{stats['ess']:.1f}")
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                rec = dict(event="train", step=self.step, loss=float(loss.detach()), **stats)
-                rec.update(step_s=time.monotonic() - t0, elapsed_s=self.elapsed)
-                self._log(rec)
-            timed_out = cfg.max_minutes and self.elapsed > 60 * cfg.max_minutes
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                last = self._eval()
-            if (cfg.save_every and self.step % cfg.save_every == 0) or timed_out:
-                self.save()
-            if timed_out:
-                stopped = True
-                break
+        with StopFlag() as flag:
+            while self.step < cfg.steps:
+                t0 = time.monotonic()
+                self.head.train()
+                loss, stats = self.batch_loss()
+                self.acc.backward(loss)
+                if cfg.max_grad_norm > 0:
+                    self.acc.clip_grad_norm_(self.head.parameters(), cfg.max_grad_norm)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad()
+                self.step += 1
+                self.elapsed = time.monotonic() - start
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3g}", ess=f"{stats['ess']:.1f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    rec = dict(event="train", step=self.step, loss=float(loss.detach()), **stats)
+                    rec.update(step_s=time.monotonic() - t0, elapsed_s=self.elapsed)
+                    self._log(rec)
+                timed_out = cfg.max_minutes and self.elapsed > 60 * cfg.max_minutes
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    last = self._eval()
+                if (cfg.save_every and self.step % cfg.save_every == 0) or flag.hit or timed_out:
+                    self.save()
+                if flag.hit or timed_out:
+                    stopped = True
+                    break
         bar.close()
         if not stopped:
             self.save()

@@ -9,6 +9,8 @@ CTL loss is checked on a synthetic tree where every expectation is an exact sum.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from conftest import EOS, make_model, make_tokenizer
 
 import llmsample
+from llmsample.checkpoints import list_checkpoints
 from llmsample.ctl import ctl_loss
 from llmsample.ctl_trainer import CTLConfig, CTLTrainer
 from llmsample.exact import enumerate_target
@@ -425,7 +428,7 @@ class Killed(Exception):
     pass
 
 
-def _trainer(model, tok, out_dir, kill_at=None):
+def _trainer(model, tok, out_dir, kill_at=None, signal_at=None):
     cfg = CTLConfig(
         steps=4,
         num_particles=8,
@@ -439,15 +442,16 @@ def _trainer(model, tok, out_dir, kill_at=None):
     torch.manual_seed(0)
     head = TwistHead(32, 9, width=16)
     trainer = CTLTrainer(model, tok, PROMPTS, SOFT, head, cfg, eos_token_ids=[EOS])
-    if kill_at is not None:
-        inner = trainer.batch_loss
+    inner = trainer.batch_loss
 
-        def batch_loss():
-            if trainer.step == kill_at:
-                raise Killed
-            return inner()
+    def batch_loss():
+        if trainer.step == kill_at:
+            raise Killed
+        if trainer.step == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would: finish the step, save, stop
+        return inner()
 
-        trainer.batch_loss = batch_loss
+    trainer.batch_loss = batch_loss
     return trainer, head
 
 
@@ -459,21 +463,29 @@ def test_checkpoint_resume_restores_identical_head(setup, tmp_path):
     assert (tmp_path / "a" / "twist_head.pt").is_file()
     assert any(p.abs().sum() > 0 for p in head_a.parameters())  # it trained
 
-    killed, head_b = _trainer(model, tok, tmp_path / "b", kill_at=3)
+    # killed hard during step 3: the step-2 checkpoint is the last one
+    killed, head_b = _trainer(model, tok, tmp_path / "b", kill_at=2)
     with pytest.raises(Killed):
         killed.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_0000002"]
     resumed, head_c = _trainer(model, tok, tmp_path / "b")
-    assert resumed.resume() and resumed.step == 2
-    saved = torch.load(tmp_path / "b" / "checkpoints" / "step_0000002.pt", weights_only=False)
-    for k, v in head_c.state_dict().items():
-        assert torch.equal(v, saved["head"][k])
-    resumed.step = 0  # train() resumes again from the checkpoint
-    resumed.train()
+    assert resumed.train()["finished"]
     for (k, a), c in zip(head_a.state_dict().items(), head_c.state_dict().values()):
         assert torch.equal(a, c), k
     loaded = TwistHead.load(tmp_path / "b" / "twist_head.pt")
     for a, c in zip(head_a.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, c)
+
+    # SIGTERM during step 3: it finishes the step, checkpoints step 3 and stops
+    stopped, _ = _trainer(model, tok, tmp_path / "c", signal_at=2)
+    result = stopped.train()
+    assert not result["finished"] and result["step"] == 3
+    again, head_d = _trainer(model, tok, tmp_path / "c")
+    assert again.resume() and again.step == 3
+    again.step = 0  # train() resumes again from the checkpoint
+    again.train()
+    for (k, a), d in zip(head_a.state_dict().items(), head_d.state_dict().values()):
+        assert torch.equal(a, d), k
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from llmsample.checkpoints import StopFlag, list_checkpoints, load_checkpoint, save_checkpoint
 from llmsample.gfn.config import GFNConfig
 from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
 from llmsample.gfn.replay import ReplayBuffer
@@ -54,8 +52,6 @@ from llmsample.lm import PromptBatch, encode_prompts, teacher_force
 from llmsample.potentials import PerPrompt, Potential
 
 __all__ = ["GFNTrainer", "LogZ", "add_lora"]
-
-DONE = "trainer_state.json"
 
 
 def add_lora(model, cfg: GFNConfig):
@@ -87,31 +83,6 @@ class LogZ(nn.Module):
         if self.head is None or hidden is None:
             return self.bias
         return self.bias + self.head(hidden.detach()).squeeze(-1)  # [R]
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM -> checkpoint and stop at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.hit = False
-        self._old: dict = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.hit:
-            raise KeyboardInterrupt
-        self.hit = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 class GFNTrainer:
@@ -292,47 +263,26 @@ class GFNTrainer:
         return loss, stats, log_r
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoints(self) -> list[Path]:
-        folder = self.out / "checkpoints"
-        found = (
-            [p for p in folder.glob("step_*") if (p / DONE).is_file()] if folder.is_dir() else []
-        )
-        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
     def save(self) -> Path:
+        extra = {
+            "replay": self.replay.state_dict(),
+            "gen": self.gen.get_state(),
+            "sample_gen": self.sample_gen.get_state(),
+        }
+        state = dict(step=self.step, elapsed=self.elapsed)
         folder = self.out / "checkpoints"
-        final, tmp = folder / f"step_{self.step:07d}", folder / f"tmp_step_{self.step:07d}"
-        self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
-        if self.acc.is_main_process:
-            torch.save(
-                {
-                    "replay": self.replay.state_dict(),
-                    "gen": self.gen.get_state(),
-                    "sample_gen": self.sample_gen.get_state(),
-                },
-                tmp / "gfn.pt",
-            )
-            state = dict(step=self.step, elapsed=self.elapsed)
-            (tmp / DONE).write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
-        return final
+        return save_checkpoint(
+            self.acc, folder, self.step, state, extra, self.cfg.keep_checkpoints, "gfn.pt"
+        )
 
     def resume(self) -> bool:
-        found = self._checkpoints()
+        found = list_checkpoints(self.out / "checkpoints")
         if not found:
             return False
-        path = found[-1]
-        self.acc.load_state(str(path))
-        extra = torch.load(path / "gfn.pt", weights_only=False)
+        state, extra = load_checkpoint(self.acc, found[-1], "gfn.pt")
         self.replay.load_state_dict(extra["replay"])
         self.gen.set_state(extra["gen"])
         self.sample_gen.set_state(extra["sample_gen"])
-        state = json.loads((path / DONE).read_text())
         self.step, self.elapsed = state["step"], state["elapsed"]
         return True
 
@@ -383,7 +333,7 @@ class GFNTrainer:
         )
         start, last = time.monotonic() - self.elapsed, {}
         stopped = False
-        with _StopFlag() as flag:
+        with StopFlag() as flag:
             while self.step < cfg.steps:
                 t0 = time.monotonic()
                 tau = cfg.reward_temperature(self.step)
