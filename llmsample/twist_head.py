@@ -66,30 +66,54 @@ class TwistHead(nn.Module):
     A non-affine LayerNorm, then a linear map (``width=0``) or a one-hidden-layer GELU
     MLP of ``width`` units. With ``cond_size=C`` it reads [LayerNorm(h), LayerNorm(cond)]
     (``cond`` [..., C], e.g. :func:`text_features` of an infilling suffix). The output
-    layer is zero-initialized: log psi = 0 (plain SMC).
+    is V scores, or (``TwistHead.tied(model)``, ``embed_dim=E``) an E-vector dotted with
+    the LM's frozen output embeddings, plus a bias per token. The output layer is
+    zero-initialized: log psi = 0 (plain SMC).
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, width: int = 128, cond_size: int = 0):
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        width: int = 128,
+        cond_size: int = 0,
+        embed_dim: int = 0,
+    ):
         super().__init__()
-        if hidden_size < 1 or vocab_size < 1 or width < 0 or cond_size < 0:
+        if hidden_size < 1 or vocab_size < 1 or min(width, cond_size, embed_dim) < 0:
             raise ValueError(
-                f"TwistHead needs hidden_size, vocab_size >= 1 and width, cond_size >= 0, got "
-                f"{hidden_size}, {vocab_size}, {width}, {cond_size}"
+                f"TwistHead needs hidden_size, vocab_size >= 1 and width, cond_size, embed_dim "
+                f">= 0, got {hidden_size}, {vocab_size}, {width}, {cond_size}, {embed_dim}"
             )
         self.config = dict(hidden_size=hidden_size, vocab_size=vocab_size, width=width)
-        if cond_size:  # (only stored when used: heads saved before it existed still load)
-            self.config["cond_size"] = cond_size
-        self.cond_size = cond_size
+        # (only stored when used: heads saved before these existed still load)
+        self.config |= {
+            k: v for k, v in dict(cond_size=cond_size, embed_dim=embed_dim).items() if v
+        }
+        self.cond_size, self.embed_dim = cond_size, embed_dim
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         self.cond_norm = nn.LayerNorm(cond_size, elementwise_affine=False) if cond_size else None
         layers: list[nn.Module] = []
         inputs = hidden_size + cond_size
         if width:
             layers += [nn.Linear(inputs, width), nn.GELU()]
-        out = nn.Linear(width or inputs, vocab_size)
+        out = nn.Linear(width or inputs, embed_dim or vocab_size)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*layers, out)
+        if embed_dim:  # scores = net(x) . e_v + b_v over frozen token embeddings e_v
+            self.register_buffer("embeddings", torch.zeros(vocab_size, embed_dim))
+            self.token_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    @classmethod
+    def tied(cls, model, width: int = 128, cond_size: int = 0) -> TwistHead:
+        """A head whose V scores are dot products with ``model``'s (frozen) output token
+        embeddings plus a bias per token: far fewer parameters than a V-way output layer,
+        and tokens the LM treats alike get alike scores (a sample-efficient head)."""
+        emb = model.get_output_embeddings().weight.detach().float().cpu()  # [V, E]
+        head = cls(model.config.hidden_size, emb.shape[0], width, cond_size, emb.shape[1])
+        head.embeddings.copy_(emb)
+        return head
 
     def forward(self, hidden: Tensor, cond: Tensor | None = None) -> Tensor:
         x = self.norm(hidden.float())
@@ -105,6 +129,8 @@ class TwistHead(nn.Module):
             x = torch.cat([x, c], dim=-1)
         elif cond is not None:
             raise ValueError("this TwistHead has cond_size=0 but was given a condition")
+        if self.embed_dim:
+            return self.net(x) @ self.embeddings.T + self.token_bias
         return self.net(x)
 
     def save(self, path: str | Path) -> None:

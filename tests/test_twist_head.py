@@ -84,6 +84,25 @@ def test_head_starts_at_zero():
     assert torch.equal(cond(torch.randn(5, 32), torch.randn(5, 4)), torch.zeros(5, 9))
 
 
+def test_tied_head_scores_through_the_lm_token_embeddings(setup, tmp_path):
+    model, _, _ = setup
+    head = TwistHead.tied(model, width=8, cond_size=2)
+    h, c = torch.randn(5, 32), torch.randn(5, 2)
+    assert torch.equal(head(h, c), torch.zeros(5, 9))  # zero-initialized: plain SMC
+    emb = model.get_output_embeddings().weight.detach()
+    assert torch.equal(head.embeddings, emb) and not head.embeddings.requires_grad
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    z = head.net(torch.cat([head.norm(h), head.cond_norm(c)], dim=-1))  # [5, E]
+    assert torch.allclose(head(h, c), z @ emb.T + head.token_bias, atol=1e-6)
+    head.save(tmp_path / "t.pt")
+    loaded = TwistHead.load(tmp_path / "t.pt")
+    assert torch.equal(loaded(h, c), head(h, c))
+    trainable = sum(p.numel() for p in head.parameters())
+    assert trainable == (32 + 2) * 8 + 8 + 8 * 32 + 32 + 9  # no V-way output layer
+
+
 def test_conditional_head_reads_its_condition_and_checks_it(setup, tmp_path):
     model, tok, _ = setup
     head = random_head(cond_size=3)
