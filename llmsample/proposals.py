@@ -128,12 +128,17 @@ class LocallyOptimal(Proposal):
     """q(v) ∝ p(v|.) psi(x_<t, v), from the twist's next-token scores.
 
     Rows where no token has positive score (a dead end) fall back to p; their weight
-    then becomes zero through the twist, never NaN.
+    then becomes zero through the twist, never NaN. At the last step (every token
+    completes a row) a twist may return no scores (``LearnedTwist(exact_last_step=False)``):
+    that token is drawn from p, and the engine weighs it by the potential as for any
+    proposal.
     """
 
     uses_twist_scores = True
 
     def log_probs(self, base_logp: Tensor, x: Particles, twist_scores: Tensor | None) -> Tensor:
+        if twist_scores is None and x.step == x.max_new_tokens - 1:
+            return base_logp
         if twist_scores is None:
             raise ValueError(
                 "the locally optimal proposal needs a twist that scores every next token "

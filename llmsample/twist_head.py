@@ -174,6 +174,10 @@ class LearnedTwist(Twist):
     ``potential`` must be the SMC run's potential: ``next_token`` puts its log phi on
     completing extensions (None means phi = 1). ``prefix`` needs no potential.
     ``condition`` [B, C]: one vector per prompt of the run, for a head with ``cond_size=C``.
+    ``exact_last_step=False``: at the last step, where every token completes a row,
+    ``next_token`` returns None instead of calling ``potential.complete`` on all R·V
+    extensions (a potential without token scores, e.g. a suffix likelihood), and the
+    locally optimal proposal draws that token from p (weights stay exact).
     """
 
     informative = True
@@ -184,7 +188,9 @@ class LearnedTwist(Twist):
         head: TwistHead,
         potential: Potential | None = None,
         condition: Tensor | None = None,
+        exact_last_step: bool = True,
     ):
+        self.exact_last_step = exact_last_step
         cond_size = getattr(head, "cond_size", 0)
         if bool(cond_size) != (condition is not None):
             raise ValueError(
@@ -259,7 +265,7 @@ class LearnedTwist(Twist):
         last = x.tokens[:, -1:].to(self.session.device)
         return self.scores[rows].gather(1, last)[:, 0].to(x.device)
 
-    def next_token(self, x: Particles) -> Tensor:
+    def next_token(self, x: Particles) -> Tensor | None:
         out = self.scores[self._rows(x, x.step)].to(x.device).clone()  # [R, V]
         t, T, V = x.step, x.max_new_tokens, x.vocab_size
         active = x.lengths == t  # rows still running (finished rows' scores are unused)
@@ -271,6 +277,8 @@ class LearnedTwist(Twist):
             phi = torch.zeros(x.num_rows, V, dtype=torch.float64, device=x.device)
         else:
             phi = self.potential.token_scores(x)
+            if phi is None and last and not self.exact_last_step:
+                return None  # the proposal draws the last token from p
             if phi is None:
                 phi = self._complete_scores(x, active, eos, last)
             phi = phi.to(device=x.device, dtype=torch.float64)

@@ -146,16 +146,23 @@ def test_text_features_are_mean_hidden_states(setup):
 
 @pytest.mark.filterwarnings("ignore:the potential rejected every particle")
 @pytest.mark.parametrize(
-    "proposal,potential,cond",
+    "proposal,potential,cond,exact_last",
     [
-        (None, "soft", False),
-        ("optimal", "soft", False),
-        ("optimal", "contains", False),
-        ("optimal", "soft", True),
+        (None, "soft", False, True),
+        ("optimal", "soft", False, True),
+        ("optimal", "contains", False, True),
+        ("optimal", "soft", True, True),
+        ("optimal", "soft", False, False),
     ],
-    ids=["base-soft", "optimal-soft", "optimal-hard", "optimal-soft-conditional"],
+    ids=[
+        "base-soft",
+        "optimal-soft",
+        "optimal-hard",
+        "optimal-soft-conditional",
+        "optimal-soft-last-token-from-p",
+    ],
 )
-def test_random_head_keeps_z_hat_unbiased(setup, proposal, potential, cond):
+def test_random_head_keeps_z_hat_unbiased(setup, proposal, potential, cond, exact_last):
     model, tok, targets = setup
     pot = SOFT if potential == "soft" else Contains("c")
     runs = 300
@@ -167,7 +174,7 @@ def test_random_head_keeps_z_hat_unbiased(setup, proposal, potential, cond):
         tok,
         [p for p in PROMPTS for _ in range(runs)],
         potential=pot,
-        twist=LearnedTwist(model, head, pot, condition=condition),
+        twist=LearnedTwist(model, head, pot, condition=condition, exact_last_step=exact_last),
         proposal=proposal,
         num_particles=8,
         max_new_tokens=T,
