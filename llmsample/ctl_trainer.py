@@ -34,42 +34,28 @@ from llmsample.twist_head import LearnedTwist, TwistHead
 __all__ = ["CTLConfig", "CTLTrainer", "train_ctl"]
 
 
-class _StoppedOnly(Potential):
-    """``inner``'s log phi on rows that ended with an EOS id, memoized; 0 on rows cut at
-    the horizon.
+class _Memo(Potential):
+    """``inner`` with its values memoized by (prompt row, tokens incl. EOS), so the loss
+    reuses the EOS-column values the twisted sampler already computed."""
 
-    The twisted negatives are drawn from q ∝ p·psi with horizon T - 1: CTL reads only
-    their first T - 2 tokens (the parents x_<t, t <= T - 1), whose law does not depend
-    on the horizon, but at the horizon every token completes a row, and a text potential
-    would be called on all R·V one-token extensions. Those last tokens are never used,
-    so the cut rows get phi = 1 instead. The memo (keyed by prompt row and tokens, EOS
-    included) lets the loss reuse the EOS-column values the sampler already computed.
-    """
-
-    def __init__(self, inner: Potential | None, eos: Tensor):
-        self.inner, self.eos = inner, eos
+    def __init__(self, inner: Potential | None):
+        self.inner = inner
         self.memo: dict[tuple[int, ...], float] = {}
 
     def complete(self, x: Particles) -> Tensor:
         out = torch.zeros(x.num_rows, dtype=torch.float64, device=x.device)
         if self.inner is None or x.num_rows == 0:
             return out
-        last = x.tokens.gather(1, (x.lengths - 1).clamp(min=0)[:, None])[:, 0]
-        stopped = torch.isin(last, self.eos.to(x.device)).nonzero()[:, 0].tolist()
-        rows = [
-            (r, (int(x.prompt_index[r]), *x.tokens[r, : int(x.lengths[r])].tolist()))
-            for r in stopped
+        keys = [
+            (int(b), *row[:n].tolist())
+            for b, row, n in zip(x.prompt_index.tolist(), x.tokens, x.lengths.tolist())
         ]
-        todo = [r for r, key in rows if key not in self.memo]
+        todo = [r for r, key in enumerate(keys) if key not in self.memo]
         if todo:
             index = torch.tensor(todo, device=x.device)
             vals = self.inner.complete(x.select(index)).to(torch.float64).tolist()
-            for r, v in zip(todo, vals):
-                key = (int(x.prompt_index[r]), *x.tokens[r, : int(x.lengths[r])].tolist())
-                self.memo[key] = v
-        for r, key in rows:
-            out[r] = self.memo[key]
-        return out
+            self.memo.update((keys[r], v) for r, v in zip(todo, vals))
+        return torch.tensor([self.memo[k] for k in keys], dtype=torch.float64, device=x.device)
 
 
 def _help(text: str, default):
@@ -271,17 +257,22 @@ class CTLTrainer:
                 seed=seeds[0],
                 eos_token_id=self.eos,
             )
-        stopped = _StoppedOnly(potential, torch.as_tensor(self.eos))
+        memo = _Memo(potential)
         if cfg.negatives == "twisted":  # plain draws from q ∝ p·psi (no weights, no resampling)
+            # only the first T - 2 tokens are read (the parents x_<t, t <= T - 1): the last
+            # one may come from p, which spares R·V potential calls (exact_last_step)
+            twist = LearnedTwist(
+                self.model, self.unwrapped, memo, condition=cond, exact_last_step=False
+            )
             neg = smc_generate(
                 self.model,
                 self.tokenizer,
                 texts,
-                potential=stopped,
-                twist=LearnedTwist(self.model, self.unwrapped, stopped, condition=cond),
+                potential=memo,
+                twist=twist,
                 proposal="optimal",
                 num_particles=M,
-                max_new_tokens=T - 1,  # only the first T - 2 tokens are read (_StoppedOnly)
+                max_new_tokens=T,
                 seed=seeds[1],
                 eos_token_id=self.eos,
                 config=SMCConfig(reweight=False),
@@ -336,7 +327,7 @@ class CTLTrainer:
                 scores[B * K :].double(),
                 neg_tok,
                 neg_len,
-                stopped,
+                memo,
                 prompts,
                 pos_log_psi.view(B, K, S),
                 pos_log_w,
@@ -348,7 +339,7 @@ class CTLTrainer:
                 logp[B * K :].double(),
                 neg_tok,
                 neg_len,
-                stopped,
+                memo,
                 prompts,
                 pos_log_psi.view(B, K, S),
                 pos_log_w,
@@ -364,7 +355,7 @@ class CTLTrainer:
         )
         return loss, stats
 
-    def _sampled_loss(self, neg_scores, neg_tok, neg_len, stopped, prompts, pos_psi, pos_w, pos_m):
+    def _sampled_loss(self, neg_scores, neg_tok, neg_len, memo, prompts, pos_psi, pos_w, pos_m):
         """``negatives='sampled'``: log Z_t from the draws of p at their sampled token
         (log phi where a draw completed at t), pooled with the positives (each positive
         set counted as K draws): log ((sum_m psi(y_m) + K sum_k w_k psi(y+_k)) / (M + K)).
@@ -387,7 +378,7 @@ class CTLTrainer:
                 self.cfg.max_new_tokens,
                 neg_scores.shape[-1],
             )
-            log_phi[done] = stopped.complete(x)
+            log_phi[done] = memo.complete(x)
         neg_psi = torch.where(steps[None, :] == neg_len[:, None], log_phi[:, None], gathered)
         neg_mask = steps[None, :] <= neg_len[:, None]
         w = torch.log_softmax(pos_w.detach().double(), dim=1) + math.log(K)  # [B, K]
@@ -404,7 +395,7 @@ class CTLTrainer:
         )
 
     def _exact_last_token_loss(
-        self, neg_scores, neg_logp, neg_tok, neg_len, stopped, prompts, pos_psi, pos_w, pos_m
+        self, neg_scores, neg_logp, neg_tok, neg_len, memo, prompts, pos_psi, pos_w, pos_m
     ):
         """``negatives='base'|'twisted'``: every next token of each running parent, EOS
         columns log phi (the last token summed exactly; see :func:`ctl_loss`)."""
@@ -435,7 +426,7 @@ class CTLTrainer:
                     T,
                     V,
                 )
-                fill[rows, t - 1, e] = stopped.complete(x)
+                fill[rows, t - 1, e] = memo.complete(x)
         neg_scores = torch.where(is_eos, fill, neg_scores)
         neg_log_w = None
         if self.cfg.negatives == "twisted":
