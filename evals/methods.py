@@ -19,10 +19,12 @@ import llmsample
 from llmsample.lm import line_end_ids
 from llmsample.proposals import LMProposal
 
-__all__ = ["Method", "methods", "draws", "ADAPTERS"]
+__all__ = ["Method", "methods", "draws", "ADAPTERS", "TWISTS"]
 
 # GFlowNet LoRA policies trained by recipes/configs/gfn_<task>.yaml, one per task
 ADAPTERS = Path(__file__).resolve().parent / "adapters"
+# CTL twist heads trained by recipes/configs/twist_ctl_<task>.yaml, one per task
+TWISTS = Path(__file__).resolve().parent / "twists"
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,60 @@ def _gfn_is(n):
     return run
 
 
+@lru_cache(maxsize=2)
+def _head(task_name: str):
+    from llmsample.twist_head import TwistHead
+
+    return TwistHead.load(TWISTS / task_name / "twist_head.pt").eval()
+
+
+def _smc_learned(n):
+    """SMC with the task's learned (CTL) twist; a conditional head reads each prompt's
+    suffix (line-infill) through ``text_features``."""
+    from llmsample.twist_head import LearnedTwist, text_features
+
+    def run(model, tok, task, examples, seed):
+        head = _head(task.name)
+        cond = None
+        if head.cond_size:
+            cond = text_features(model, tok, [e.suffix for e in examples])
+        potential = task.potential(model, tok, examples)
+        return llmsample.smc_generate(
+            model,
+            tok,
+            [e.prompt for e in examples],
+            potential=potential,
+            twist=LearnedTwist(model, head, potential, condition=cond),
+            num_particles=n,
+            **_common(model, tok, task, examples, seed),
+        )
+
+    return run
+
+
+def _gfn_flow(n):
+    """SMC with the GFlowNet policy as the proposal and its implied flow as the twist
+    (``llmsample.gfn.FlowTwist``; soft potentials only: it refuses phi = 0 prefixes)."""
+    from llmsample.gfn import FlowTwist
+
+    def run(model, tok, task, examples, seed):
+        policy = _policy(model.name_or_path, task.name)
+        potential = task.potential(model, tok, examples)
+        newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
+        return llmsample.smc_generate(
+            model,
+            tok,
+            [e.prompt for e in examples],
+            potential=potential,
+            twist=FlowTwist(policy, model, potential, stop_token_id=newline),
+            proposal=policy,
+            num_particles=n,
+            **_common(model, tok, task, examples, seed),
+        )
+
+    return run
+
+
 # particle counts per task: keywords is a rare event for the tiny model (a line with
 # 2-3 given words has probability ~1e-4..1e-2), so it gets more particles
 SIZES = {"line-infill": [8, 16, 32], "keywords": [16, 64, 256]}
@@ -149,9 +205,13 @@ def methods(task_name: str, quick: bool = False) -> list[Method]:
     out.append(Method("importance", f"N={sizes[-1]}", _smc(sizes[-1], resample=False)))
     out += [Method("smc", f"N={n}", _smc(n)) for n in sizes]
     out += [Method("smc-twist", f"N={n}", _smc(n, twist=True)) for n in sizes[-2:]]
+    if (TWISTS / task_name / "twist_head.pt").is_file():
+        out += [Method("smc-learned", f"N={n}", _smc_learned(n)) for n in sizes[-2:]]
     if (ADAPTERS / task_name / "adapter_config.json").is_file():
         out.append(Method("gfn", "K=8", _gfn()))
         out += [Method("gfn-is", f"N={n}", _gfn_is(n)) for n in sizes[-2:]]
+        if task_name == "line-infill":  # a soft potential: the flow twist applies
+            out += [Method("gfn-flow", f"N={n}", _gfn_flow(n)) for n in sizes[-2:]]
     return out
 
 

@@ -2,6 +2,10 @@
 
     accelerate launch recipes/twist_ctl.py --config recipes/configs/twist_ctl_exact.yaml
     python recipes/twist_ctl.py --config recipes/configs/twist_ctl_exact.yaml --steps 50
+    accelerate launch recipes/twist_ctl.py --config recipes/configs/twist_ctl_line_infill.yaml
+
+Task ``line-infill`` (amortized over synthetic infilling problems with exact positives)
+lives in ``recipes/twist_ctl_infill.py``; its docstring says what it measures.
 
 Task ``exact`` (as in ``recipes/gfn_tasks.py``): toy GPT-2 over 8 words + EOS, prompts
 "a b" and "c d e f", T = 5 (37,449 complete continuations per prompt), log phi =
@@ -56,7 +60,7 @@ from llmsample.resampling import ess
 from llmsample.twist_head import LearnedTwist, TwistHead
 from llmsample.twists import Twist
 
-TASKS = ("exact",)
+TASKS = ("exact", "line-infill")
 
 
 def _help(text, default):
@@ -67,11 +71,18 @@ def _help(text, default):
 class TwistCTLRecipeConfig(CTLConfig):
     task: str = _help(f"one of {', '.join(TASKS)}", "exact")
     head_width: int = _help("hidden units of the twist head's MLP (0 = linear head)", 128)
+    tied_head: bool = _help(
+        "score tokens through the LM's frozen output embeddings (TwistHead.tied)", False
+    )
     num_threads: int = _help("torch.set_num_threads (0 = torch default)", 0)
     eval_particles: int = _help("N of the Var(log Z_hat) comparison", 16)
     eval_seeds: int = _help("seeds (independent SMC runs) of the Var(log Z_hat) comparison", 20)
     tv_particles: int = _help("N of the TV-to-sigma runs (0 skips them)", 4096)
     tv_seeds: int = _help("seeds (runs) of each TV-to-sigma check", 5)
+    model: str = _help("line-infill: the base model (name or path)", "shakespeare-tiny")
+    num_problems: int = _help("line-infill: synthetic training problems", 2000)
+    suffix_tokens: int = _help("line-infill: tokens of each sampled suffix", 12)
+    eval_problems: int = _help("line-infill: held-out synthetic problems of the evaluation", 64)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +94,13 @@ class TwistCTLRecipeConfig(CTLConfig):
             raise ValueError("tv_seeds must be >= 1")
         if self.eval_particles < 1 or self.eval_seeds < 2:
             raise ValueError("eval_particles must be >= 1 and eval_seeds >= 2")
+        if min(self.num_problems, self.suffix_tokens, self.eval_problems) < 1:
+            raise ValueError("num_problems, suffix_tokens and eval_problems must be >= 1")
+        if self.task == "line-infill" and self.positives != "given":
+            raise ValueError(
+                "task line-infill trains from the exact samples of its synthetic problems: "
+                "set positives: given"
+            )
 
 
 def soft(texts: list[str]) -> list[float]:
@@ -265,16 +283,36 @@ def tv_check(model, tok, prompts, potential, twist, proposal, targets, N, T, see
     )
 
 
+def _machine() -> dict:
+    return dict(
+        cpu=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
+
+
 def main(cfg: TwistCTLRecipeConfig) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     start = time.time()
     torch.manual_seed(cfg.seed)
+    ctl_fields = {f.name for f in dataclasses.fields(CTLConfig)}
+    if cfg.task == "line-infill":
+        from twist_ctl_infill import run_infill
+
+        fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in ctl_fields}
+        summary = dict(task=cfg.task, command=" ".join(sys.argv), config=dataclasses.asdict(cfg))
+        summary |= run_infill(cfg, fields)
+        summary |= dict(wall_s=round(time.time() - start, 1), machine=_machine())
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     model, tok, prompts, potential, T = exact_task()
     targets = [enumerate_target(model, tok, p, potential, T, TOY_EOS) for p in prompts]
     prompt_ids = [encode_prompts(tok, [p]).input_ids[0].tolist() for p in prompts]
-    head = TwistHead(model.config.hidden_size, vocab_size(model), width=cfg.head_width)
-    ctl_fields = {f.name for f in dataclasses.fields(CTLConfig)}
+    if cfg.tied_head:
+        head = TwistHead.tied(model, width=cfg.head_width)
+    else:
+        head = TwistHead(model.config.hidden_size, vocab_size(model), width=cfg.head_width)
     train_cfg = CTLConfig(
         **{k: v for k, v in dataclasses.asdict(cfg).items() if k in ctl_fields}
         | dict(max_new_tokens=T)
@@ -340,11 +378,7 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         tv=tv,
         wall_s=round(time.time() - start, 1),
         timings=timings | dict(tv_s=round(time.time() - t0, 1)),
-        machine=dict(
-            cpu=platform.processor() or platform.machine(),
-            torch=torch.__version__,
-            threads=torch.get_num_threads(),
-        ),
+        machine=_machine(),
     )
     log = Path(cfg.out_dir) / "metrics.jsonl"
     evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]

@@ -1,0 +1,152 @@
+"""The ``line-infill`` task of ``recipes/twist_ctl.py``: an amortized twist for infilling.
+
+    accelerate launch recipes/twist_ctl.py --config recipes/configs/twist_ctl_line_infill.yaml
+
+Problems are synthetic, as in Zhao et al. 2024: for a context c (speaker and a verse
+line, from the *training* plays) draw the middle line x ~ p(x | c) and then the next
+``suffix_tokens`` tokens s ~ p(s | c, x) from the model itself
+(:func:`llmsample.bounds.joint_infill_samples`). x is then an exact draw from the
+target sigma(x | c, s) ∝ p(x | c) p(s | c, x), so CTL takes it as its positive
+(``positives: given``: no SMC needed for positives), and twisted draws from
+q ∝ p·psi as negatives. The head reads the base model's hidden state and the suffix
+(``text_features``: the mean hidden state over s), so one head serves every problem.
+The problems are saved to ``<out_dir>/problems.json`` (a resumed run reuses them).
+
+The evaluation (step 0 = the zero head, i.e. plain SMC, then every ``eval_every`` steps)
+runs SMC with the twist on ``eval_problems`` synthetic problems from the held-out plays
+(the contexts of ``evals/tasks.py``'s line-infill prompts, with suffixes drawn from the
+model): the mean log Z_hat, a lower bound on the mean log Z, higher is better. The
+bounds against untwisted SMC and the other samplers are in ``evals/infill_bounds.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import llmsample
+from llmsample.bounds import joint_infill_samples
+from llmsample.generate import smc_generate
+from llmsample.lm import line_end_ids, vocab_size
+from llmsample.potentials import SuffixLikelihood
+from llmsample.shakespeare import DEFAULT_HELDOUT, list_plays
+from llmsample.twist_head import LearnedTwist, TwistHead, text_features
+
+__all__ = ["infill_problems", "run_infill"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prompts(num: int, seed: int, heldout: bool) -> tuple[list[str], int]:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # evals/ lives next to recipes/ in the repository
+    from evals.tasks import build_task
+
+    plays = DEFAULT_HELDOUT if heldout else [p for p in list_plays() if p not in DEFAULT_HELDOUT]
+    task = build_task("line-infill", num_prompts=num, seed=seed, plays=tuple(plays))
+    return [e.prompt for e in task.examples], task.max_new_tokens
+
+
+def infill_problems(
+    model, tok, num: int, suffix_tokens: int, seed: int, heldout: bool, cache: Path | None = None
+) -> dict:
+    """``num`` synthetic infilling problems {prompts, suffixes, references, T} from the
+    training plays (or the held-out ones), drawn in chunks; read from ``cache`` if there."""
+    if cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("num") == num and saved.get("suffix_tokens") == suffix_tokens:
+            return saved
+    prompts, T = _prompts(num, seed, heldout)
+    suffixes, refs = [], []
+    for i in range(0, len(prompts), 128):
+        chunk = joint_infill_samples(
+            model, tok, prompts[i : i + 128], T, suffix_tokens, seed=seed + i
+        )
+        suffixes += chunk.suffixes
+        refs += [list(r) for r in chunk.references]
+    out = dict(
+        num=num,
+        suffix_tokens=suffix_tokens,
+        T=T,
+        prompts=prompts,
+        suffixes=suffixes,
+        references=refs,
+    )
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(out))
+    return out
+
+
+def run_infill(cfg, train_cfg_fields: dict) -> dict:
+    """Train the conditional head on synthetic problems; returns the summary."""
+    from llmsample.ctl_trainer import CTLConfig, train_ctl
+
+    model, tok = llmsample.load_model(cfg.model)
+    out = Path(cfg.out_dir)
+    train = infill_problems(
+        model, tok, cfg.num_problems, cfg.suffix_tokens, cfg.seed, False, out / "problems.json"
+    )
+    held = infill_problems(
+        model, tok, cfg.eval_problems, cfg.suffix_tokens, cfg.seed + 1, True, None
+    )
+    T, eos = train["T"], line_end_ids(tok)
+    H = model.config.hidden_size
+    if cfg.tied_head:
+        head = TwistHead.tied(model, width=cfg.head_width, cond_size=H)
+    else:
+        head = TwistHead(H, vocab_size(model), width=cfg.head_width, cond_size=H)
+    cond = text_features(model, tok, train["suffixes"])
+    held_cond = text_features(model, tok, held["suffixes"])
+    potentials = [SuffixLikelihood(model, tok, s) for s in train["suffixes"]]
+    held_pot = SuffixLikelihood(model, tok, held["suffixes"])
+    train_cfg = CTLConfig(**train_cfg_fields | dict(max_new_tokens=T))
+
+    def evaluate(h, step) -> dict:
+        was = h.training
+        h.eval()
+        twist = LearnedTwist(model, h, held_pot, condition=held_cond)
+        runs = [
+            smc_generate(
+                model,
+                tok,
+                held["prompts"],
+                potential=held_pot,
+                twist=twist,
+                num_particles=cfg.eval_particles,
+                max_new_tokens=T,
+                eos_token_id=eos,
+                seed=seed,
+            ).log_z
+            for seed in range(cfg.eval_seeds)
+        ]
+        lz = torch.stack(runs)  # [seeds, problems]
+        h.train(was)
+        return dict(
+            lower_bound=float(lz.mean()),
+            lower_bound_se=float(lz.mean(0).std() / len(held["prompts"]) ** 0.5),
+            var_log_z=float(lz.var(0).mean()),
+        )
+
+    result = train_ctl(
+        model,
+        tok,
+        train["prompts"],
+        potentials,
+        head,
+        train_cfg,
+        eos_token_ids=eos,
+        evaluate=evaluate,
+        conditions=cond,
+        references=train["references"],
+    )
+    log = out / "metrics.jsonl"
+    evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
+    summary = dict(final=result, num_problems=len(train["prompts"]), T=T)
+    if evals:
+        summary["base"], summary["trained"] = evals[0], evals[-1]
+        summary["lower_bound_gain"] = evals[-1]["lower_bound"] - evals[0]["lower_bound"]
+    return summary
