@@ -55,10 +55,16 @@ def infill_problems(
 ) -> dict:
     """``num`` synthetic infilling problems {prompts, suffixes, references, T} from the
     training plays (or the held-out ones), drawn in chunks; read from ``cache`` if there."""
+    settings = dict(num=num, suffix_tokens=suffix_tokens, seed=seed, heldout=heldout)
     if cache is not None and cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("num") == num and saved.get("suffix_tokens") == suffix_tokens:
-            return saved
+        if {k: saved.get(k) for k in settings} != settings:
+            raise ValueError(
+                f"{cache} holds problems made with other settings "
+                f"({ {k: saved.get(k) for k in settings} }, not {settings}); a run resumed "
+                "on other problems would mix them: use another out_dir"
+            )
+        return saved
     prompts, T = _prompts(num, seed, heldout)
     suffixes, refs = [], []
     for i in range(0, len(prompts), 128):
@@ -68,8 +74,7 @@ def infill_problems(
         suffixes += chunk.suffixes
         refs += [list(r) for r in chunk.references]
     out = dict(
-        num=num,
-        suffix_tokens=suffix_tokens,
+        **settings,
         T=T,
         prompts=prompts,
         suffixes=suffixes,

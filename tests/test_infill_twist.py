@@ -44,8 +44,12 @@ def test_problems_come_from_the_training_plays_and_are_cached(lm, tmp_path):
     model, tok = lm
     cache = tmp_path / "p.json"
     a = infill_problems(model, tok, 5, 4, seed=0, heldout=False, cache=cache)
-    b = infill_problems(model, tok, 5, 4, seed=99, heldout=False, cache=cache)  # from the cache
-    assert a == b and len(a["prompts"]) == len(a["suffixes"]) == len(a["references"]) == 5
+    b = infill_problems(model, tok, 5, 4, seed=0, heldout=False, cache=cache)  # from the cache
+    assert a == b
+    with pytest.raises(ValueError, match="other settings"):  # never silently reused
+        infill_problems(model, tok, 5, 4, seed=99, heldout=False, cache=cache) and len(
+            a["prompts"]
+        ) == len(a["suffixes"]) == len(a["references"]) == 5
     held = infill_problems(model, tok, 5, 4, seed=0, heldout=True)
     assert not set(held["prompts"]) & set(a["prompts"])
     for s in a["suffixes"]:  # the suffix re-encodes to suffix_tokens ids (as it is scored)
