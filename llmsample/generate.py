@@ -50,7 +50,7 @@ def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
-def _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos):
+def _prompts(tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages):
     if pad_token_id is None and tokenizer is not None:
         pad_token_id = tokenizer.pad_token_id
     if pad_token_id is None:
@@ -61,6 +61,8 @@ def _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id,
         input_ids=input_ids,
         attention_mask=attention_mask,
         pad_token_id=pad_token_id,
+        chat=chat,
+        messages=messages,
     )
 
 
@@ -154,6 +156,8 @@ def smc_generate(
     *,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    chat: bool = False,
+    messages: list[list[dict]] | None = None,
     potential: Potential | None = None,
     twist: str | Twist = "none",
     proposal: str | Proposal | nn.Module | None = None,
@@ -170,6 +174,12 @@ def smc_generate(
     _method: str = "smc",
 ) -> SamplingOutput:
     """Sample from sigma(x|c) ∝ p(x|c) phi(x,c) with SMC. See the module docstring.
+
+    **Chat models.** ``chat=True`` sends each text prompt as one user message through
+    the tokenizer's chat template (with the generation prompt); ``messages=`` takes the
+    conversations themselves, one list of ``{"role", "content"}`` dicts per prompt. The
+    continuation is the assistant's reply: it ends at the model's EOS (for chat models
+    the end-of-turn token, e.g. ``<|im_end|>``), and potentials see only its text.
 
     ``reference`` (one complete continuation per prompt, as token ids) runs
     *conditional* SMC: row 0 of each prompt is clamped to it (see ``run_smc``); with an
@@ -204,7 +214,9 @@ def smc_generate(
         config or SMCConfig(), **{k: v for k, v in knobs.items() if v is not None}
     )
     eos = _eos_ids(model, tokenizer, eos_token_id)
-    batch = _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos)
+    batch = _prompts(
+        tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages
+    )
     q, model_context = _resolve_proposal(proposal, model)
     return run_smc(
         model,
@@ -265,13 +277,17 @@ def beam_generate(
     potential: Potential | None = None,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    chat: bool = False,
+    messages: list[list[dict]] | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
 ) -> SamplingOutput:
     """Beam search via ``model.generate``: the N beams, uniformly weighted."""
     SMCConfig(num_particles=num_beams, max_new_tokens=max_new_tokens)  # validates
     eos = _eos_ids(model, tokenizer, eos_token_id)
-    batch = _prompts(model, tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos)
+    batch = _prompts(
+        tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages
+    )
     device = next(model.parameters()).device
     B, P = batch.input_ids.shape
     with torch.inference_mode():

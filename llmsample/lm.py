@@ -15,6 +15,7 @@ runs in one forward pass per step.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ __all__ = [
     "context_length",
     "vocab_size",
     "line_end_ids",
+    "chat_prompt_texts",
+    "cache_kwarg",
+    "output_cache",
 ]
 
 
@@ -72,22 +76,42 @@ def encode_prompts(
     input_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
     pad_token_id: int | None = None,
+    chat: bool = False,
+    messages: list[list[dict]] | None = None,
 ) -> PromptBatch:
-    """Turn text prompts or ``input_ids``/``attention_mask`` into a left-padded batch.
+    """Turn text prompts, chat messages or ``input_ids``/``attention_mask`` into a
+    left-padded batch.
 
     Text is tokenized like ``tokenizer(prompt)`` (special tokens included, as for
-    ``generate``). Tensors may be left or right padded: each row's unmasked tokens are
-    kept, in order, and re-padded on the left. A tokenizer without a pad token is fine:
-    the pad id falls back to the EOS id (the pad id never reaches the model unmasked).
+    ``generate``). With ``chat=True`` each text prompt becomes one user message, and
+    ``messages=`` takes the conversations themselves (``[[{"role": "user", "content":
+    ...}], ...]``): both go through the tokenizer's chat template with the generation
+    prompt (:func:`chat_prompt_texts`). Tensors may be left or right padded: each row's
+    unmasked tokens are kept, in order, and re-padded on the left. A tokenizer without a
+    pad token is fine: the pad id falls back to the EOS id (the pad id never reaches the
+    model unmasked).
     """
+    if messages is not None:
+        if prompts is not None or input_ids is not None:
+            raise ValueError("pass `messages=` alone, not with `prompts=` or `input_ids=`")
+        prompts, chat = chat_prompt_texts(tokenizer, messages), False
+        rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompts]
+        return _batch(rows, _pad_id(tokenizer, pad_token_id))
+    if chat:
+        if prompts is None:
+            raise ValueError(
+                "`chat=True` applies the chat template to text `prompts=`; "
+                "token ids are already templated: drop `chat=True`"
+            )
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return encode_prompts(
+            tokenizer,
+            messages=[[{"role": "user", "content": t}] for t in texts],
+            pad_token_id=pad_token_id,
+        )
     if (prompts is None) == (input_ids is None):
         raise ValueError("pass exactly one of `prompts=` (text) or `input_ids=` (token ids)")
-    if pad_token_id is None and tokenizer is not None:
-        pad_token_id = tokenizer.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = tokenizer.eos_token_id
-    if pad_token_id is None:
-        pad_token_id = 0
+    pad_token_id = _pad_id(tokenizer, pad_token_id)
     if prompts is not None:
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass `tokenizer=` or `input_ids=`")
@@ -111,6 +135,18 @@ def encode_prompts(
             )
         keep = attention_mask.bool().cpu()
         rows = [r[k].tolist() for r, k in zip(input_ids.cpu(), keep)]
+    return _batch(rows, pad_token_id)
+
+
+def _pad_id(tokenizer, pad_token_id: int | None) -> int:
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = tokenizer.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = tokenizer.eos_token_id
+    return 0 if pad_token_id is None else int(pad_token_id)
+
+
+def _batch(rows: list[list[int]], pad_token_id: int) -> PromptBatch:
     for b, r in enumerate(rows):
         if not r:
             raise ValueError(
@@ -119,6 +155,40 @@ def encode_prompts(
             )
     ids, mask = _left_pad(rows, pad_token_id)
     return PromptBatch(ids, mask, int(pad_token_id))
+
+
+def chat_prompt_texts(tokenizer, messages: list[list[dict]]) -> list[str]:
+    """Each conversation rendered by the tokenizer's chat template, ending with the
+    assistant's generation prompt: the text the model continues (special tokens are
+    in the text; tokenize it with ``add_special_tokens=False``)."""
+    if tokenizer is None:
+        raise ValueError("chat prompts need a tokenizer (its chat template); pass `tokenizer=`")
+    if getattr(tokenizer, "chat_template", None) is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"tokenizer {name!r} has no chat template, so chat prompts cannot be built; pass "
+            "plain text prompts (chat=False), or set `tokenizer.chat_template`"
+        )
+    if isinstance(messages, dict) or not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(
+            "`messages` must be a non-empty list of conversations, each a list of "
+            '{"role": ..., "content": ...} dicts, e.g. [[{"role": "user", "content": "Hi"}]]'
+        )
+    texts = []
+    for b, conv in enumerate(messages):
+        if (
+            isinstance(conv, dict)
+            or not conv
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conv)
+        ):
+            raise ValueError(
+                f"messages[{b}] is not a conversation: give a non-empty list of "
+                '{"role": ..., "content": ...} dicts (one list per prompt)'
+            )
+        texts.append(
+            tokenizer.apply_chat_template(list(conv), add_generation_prompt=True, tokenize=False)
+        )
+    return texts
 
 
 def context_length(model) -> int | None:
@@ -155,6 +225,32 @@ def _line_end_ids(tokenizer) -> tuple[int, ...]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return tuple(sorted(ids))
+
+
+def cache_kwarg(model) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` (transformers 5.24+, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (older releases and models
+    that keep the old name)."""
+    return _cache_kwarg(type(_base_module(model)))
+
+
+def _base_module(model):
+    get_base = getattr(model, "get_base_model", None)  # a peft model forwards **kwargs
+    return get_base() if callable(get_base) else model
+
+
+@lru_cache(maxsize=64)
+def _cache_kwarg(cls) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name (see :func:`cache_kwarg`)."""
+    cache = out.get("cache") if hasattr(out, "get") else getattr(out, "cache", None)
+    if cache is None:
+        cache = out.get("past_key_values") if hasattr(out, "get") else None
+    return cache
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -197,7 +293,8 @@ class LMSession:
                 logits_to_keep=1,
                 output_hidden_states=hidden,
             )
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
+        self._cache_kwarg = cache_kwarg(model)
         if self.cache is None or not hasattr(self.cache, "reorder_cache"):
             raise TypeError(
                 f"{type(model).__name__} returned no reorderable KV cache "
@@ -239,11 +336,11 @@ class LMSession:
                 input_ids=tokens[:, None],
                 attention_mask=self.attention_mask,
                 position_ids=self.positions[:, None],
-                past_key_values=self.cache,
                 use_cache=True,
                 output_hidden_states=self.keep_hidden,
+                **{self._cache_kwarg: self.cache},
             )
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         self.forward_tokens += R
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         self._keep(out)
