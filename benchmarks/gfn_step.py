@@ -90,7 +90,13 @@ import transformers  # noqa: E402
 
 import llmsample  # noqa: E402
 from llmsample.gfn import GFNConfig, add_lora, sample_rollouts, trajectory_balance  # noqa: E402
-from llmsample.lm import PromptBatch, encode_prompts, teacher_force  # noqa: E402
+from llmsample.lm import (  # noqa: E402
+    PromptBatch,
+    cache_kwarg,
+    encode_prompts,
+    output_cache,
+    teacher_force,
+)
 
 MEMORY_GOAL = 0.5  # peak memory ours / reference <= this
 SPEED_GOAL = 1.0  # samples/s ours / reference >= this
@@ -151,7 +157,7 @@ def rollout_with_grad(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     expand = torch.arange(B, device=device).repeat_interleave(K)  # [B] -> [B*K], like ours
     cache.reorder_cache(expand)
     logits = out.logits[:, -1].index_select(0, expand)
@@ -182,10 +188,10 @@ def rollout_with_grad(
             input_ids=new[:, None],
             attention_mask=mask,
             position_ids=pos[:, None],
-            past_key_values=cache,
             use_cache=True,
+            **{cache_kwarg(policy): cache},
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         logits = out.logits[:, -1]
     return tokens, lengths, log_q
 
