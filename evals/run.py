@@ -3,12 +3,20 @@
     python -m evals.run --task keywords --out evals/results/keywords
     python -m evals.run --task line-infill --out evals/results/line-infill --seeds 0 1 2
     python -m evals.run --task exact --out evals/results/exact
+    python -m evals.run --task commongen --model smollm2-135m-instruct --out evals/results/commongen
     python -m evals.run --task keywords --out /tmp/quick --quick   # a few prompts, small grid
 
 Each finished cell is written to ``<out>/cells/<method>[<knob>]-seed<s>.jsonl`` (one
 line per prompt: its samples and the sampler's statistics); cells already there are
 skipped, so a killed run resumes where it stopped. Then ``evals.report`` writes
 ``summary.json``, ``results.md`` and ``quality_vs_diversity.png`` into ``<out>``.
+
+Defaults per task: commongen runs ``smollm2-135m-instruct`` on 100 prompts, seed 0, 4
+draws per prompt; the Shakespeare tasks ``shakespeare-tiny`` on 50 prompts, seeds 0-2,
+8 draws. commongen records per draw also the concept coverage, whether it is one
+sentence (``llmsample.commongen.is_one_sentence``) and its fluency: the base model's
+mean log-probability per token of the draw (+ EOS) given its chat prompt, teacher
+forced (``evals.methods.score_texts``; not counted in the method's time).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from tqdm.auto import tqdm
 
 import llmsample
 from evals import report
-from evals.methods import draws, methods
+from evals.methods import draws, methods, score_texts
 from evals.tasks import build_task
 
 __all__ = ["run_task", "main"]
@@ -46,15 +54,28 @@ def run_task(
     batch: int = 10,
     quick: bool = False,
     command: str = "",
+    only: list[str] | None = None,
 ) -> dict:
-    """Run (or resume) every cell of the task, then write the report; returns the summary."""
+    """Run (or resume) every cell of the task, then write the report; returns the summary.
+
+    ``only`` (method names, e.g. ``["smc", "beam"]``) runs just those methods' cells; the
+    report still covers every finished cell, so several processes can share the grid."""
     task = build_task(task_name, num_prompts=num_prompts)
-    grid = methods(task_name, quick=quick)
+    grid = methods(task_name, quick=quick, samples=samples)
+    if only:
+        unknown = set(only) - {m.name for m in grid}
+        if unknown:
+            raise SystemExit(
+                f"--methods: unknown {sorted(unknown)}; the grid has "
+                f"{sorted({m.name for m in grid})}"
+            )
+        grid = [m for m in grid if m.name in only]
     (out / "cells").mkdir(parents=True, exist_ok=True)
     todo = [(m, s) for m in grid for s in seeds if not _cell_path(out, m.key, s).exists()]
     model, tok = llmsample.load_model(model_name) if todo else (None, None)
     bar = tqdm(total=len(todo) * len(task.examples), desc=task_name, unit="prompt")
     for method, seed in todo:
+        bar.set_postfix_str(f"{method.key} seed {seed}")
         lines = []
         for start in range(0, len(task.examples), batch):
             examples = task.examples[start : start + batch]
@@ -62,6 +83,12 @@ def run_task(
             output = method.run(model, tok, task, examples, seed)
             seconds = time.perf_counter() - t0
             texts, index, failed = draws(output, samples, seed)
+            fluency = [None] * len(examples)
+            if task.chat:  # per draw: (sum log p, tokens) under the base model
+                flat = [(ex.prompt, t) for ex, ts in zip(examples, texts) for t in ts]
+                scores = score_texts(model, tok, *map(list, zip(*flat)), chat=True)
+                ends = torch.tensor([len(ts) for ts in texts]).cumsum(0).tolist()
+                fluency = [scores[e - len(ts) : e] for ts, e in zip(texts, ends)]
             for b, ex in enumerate(examples):
                 lines.append(
                     _record(
@@ -76,6 +103,7 @@ def run_task(
                         index[b],
                         failed[b],
                         seconds / len(examples),
+                        fluency[b],
                     )
                 )
             bar.update(len(examples))
@@ -96,9 +124,25 @@ def run_task(
     return report.write_report(out, meta)
 
 
-def _record(task, method, seed, pid, ex, output, b, texts, index, failed, seconds) -> dict:
+def _record(task, method, seed, pid, ex, output, b, texts, index, failed, seconds, fluency=None):
     lw = output.log_weights[b]
     sat = [task.satisfied(ex, t) for t in texts]
+    extra = {}
+    if task.name == "commongen":
+        from llmsample.commongen import is_one_sentence
+        from llmsample.concepts import coverage
+
+        extra = dict(
+            coverage=[coverage(t, ex.words) for t in texts],
+            one_sentence=[is_one_sentence(t) for t in texts],
+            fluency=[lp / n for lp, n in fluency],
+            logp=[lp for lp, _ in fluency],
+            distinct_particles=len(set(output.texts[b])),
+            distinct_draws=len(set(texts)),
+            particle_satisfied_frac=None
+            if output.log_potential is None
+            else float(torch.isfinite(output.log_potential[b]).double().mean()),
+        )
     return dict(
         task=task.name,
         method=method.name,
@@ -121,22 +165,41 @@ def _record(task, method, seed, pid, ex, output, b, texts, index, failed, second
         particles=int(lw.numel()),
         forward_tokens=output.num_forward_tokens / output.log_weights.shape[0],
         seconds=seconds,
+        **extra,
     )
+
+
+TASK_DEFAULTS = {
+    "commongen": dict(model="smollm2-135m-instruct", prompts=100, seeds=[0], samples=4),
+    "*": dict(model="shakespeare-tiny", prompts=50, seeds=[0, 1, 2], samples=8),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, choices=["line-infill", "keywords", "exact"])
+    p.add_argument(
+        "--task", required=True, choices=["line-infill", "keywords", "exact", "commongen"]
+    )
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--model", default="shakespeare-tiny")
-    p.add_argument("--prompts", type=int, default=50)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--samples", type=int, default=8, help="draws per prompt per cell")
+    p.add_argument("--model", help="default: smollm2-135m-instruct (commongen), else tiny")
+    p.add_argument("--prompts", type=int, help="default: 100 (commongen), else 50")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 (commongen), else 0 1 2")
+    p.add_argument("--samples", type=int, help="draws per prompt per cell (4 commongen, else 8)")
     p.add_argument("--quick", action="store_true", help="5 prompts, 1 seed, a small grid")
+    p.add_argument("--methods", nargs="+", help="run only these methods (e.g. smc beam)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, min(2, os.cpu_count() or 1)),
+        help="torch CPU threads (use 1 per process when running several processes)",
+    )
     args = p.parse_args(argv)
+    for key, value in TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["*"]).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     command = " ".join(["python -m evals.run", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     if args.task == "exact":
         from evals.exact_task import run_exact
 
@@ -152,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         samples=args.samples,
         quick=args.quick,
         command=command,
+        only=args.methods,
     )
     print((args.out / "results.md").read_text())
     return 0 if summary else 1

@@ -5,10 +5,16 @@
   Reference: the real middle line.
 - ``keywords``: write a line that contains 2 or 3 given content words (a hard
   constraint, like CommonGen). References: the held-out lines that contain them.
+- ``commongen``: CommonGen v1.0 dev (``llmsample.commongen``, not Shakespeare): a chat
+  model is asked for one sentence that uses every concept (any inflection: "stood"
+  covers ``stand_V``); a hard constraint (``llmsample.concepts.Concepts``). References:
+  the human sentences. Chat prompts (``Task.chat``): the continuation ends at the
+  model's EOS (``<|im_end|>``), not at a line end.
 
     from evals.tasks import build_task
     task = build_task("keywords", num_prompts=50)
     task.examples[0].prompt, task.examples[0].references, task.potential(model, tok)
+    build_task("commongen", num_prompts=100)   # 100 seeded dev concept sets
 
 Selection is deterministic (``seed``), so every method sees the same prompts.
 """
@@ -41,9 +47,9 @@ class Example:
 
     prompt: str
     references: list[str]
-    words: list[str] = field(default_factory=list)  # keywords
+    words: list[str] = field(default_factory=list)  # keywords; commongen: ["stand_V", ...]
     suffix: str = ""  # line-infill: the text that must follow the middle line
-    source: str = ""  # play name
+    source: str = ""  # play name (commongen: the concept set)
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Task:
     examples: list[Example]
     max_new_tokens: int
     description: str
+    chat: bool = False  # prompts are user messages for a chat model; stop at the model's EOS
 
     def potential(self, model, tokenizer, examples: list[Example] | None = None, twist=False):
         """The task's potential over a batch of examples (one per prompt)."""
@@ -59,10 +66,18 @@ class Task:
         if self.name == "line-infill":
             return SuffixLikelihood(model, tokenizer, [e.suffix for e in examples], as_twist=twist)
         bonus = 2.0 if twist else 0.0
+        if self.name == "commongen":
+            from llmsample.concepts import Concepts
+
+            return PerPrompt([Concepts(*e.words, prefix_bonus=bonus) for e in examples])
         return PerPrompt([Contains(*e.words, prefix_bonus=bonus) for e in examples])
 
     def satisfied(self, example: Example, text: str) -> bool | None:
-        """Hard-constraint check (keywords); None for tasks without one."""
+        """Hard-constraint check (keywords, commongen); None for tasks without one."""
+        if self.name == "commongen":
+            from llmsample.concepts import covers_all
+
+            return bool(covers_all(text, example.words))
         if self.name != "keywords":
             return None
         pot: Potential = Contains(*example.words)
@@ -126,16 +141,41 @@ def _keywords(plays: dict[str, str], n: int, rng: random.Random) -> list[Example
     return examples
 
 
+def _commongen(n: int, rng: random.Random) -> list[Example]:
+    from llmsample.commongen import commongen_prompt, load_commongen
+
+    dev = load_commongen("dev")
+    rows = [dev[i] for i in rng.sample(range(len(dev)), min(n, len(dev)))]
+    return [
+        Example(
+            commongen_prompt(r["concepts"]),
+            list(r["references"]),
+            words=list(r["concepts"]),
+            source=r["concept_set"],
+        )
+        for r in rows
+    ]
+
+
+# commongen: 99.4% of the dev references fit in 32 SmolLM2 tokens (with <|im_end|>)
+COMMONGEN = ("write one sentence that uses every concept (CommonGen dev)", None, 32)
+
 TASKS = {
     "line-infill": ("write the missing middle line of a speech", _line_infill, 24),
     "keywords": ("write a line that contains the given words", _keywords, 24),
+    "commongen": COMMONGEN,
 }
 
 
 def build_task(name: str, num_prompts: int = 50, seed: int = 0, plays=DEFAULT_HELDOUT) -> Task:
-    """The task ``name`` on ``num_prompts`` examples drawn from the held-out ``plays``."""
+    """The task ``name`` on ``num_prompts`` examples drawn from the held-out ``plays``
+    (commongen: from the CommonGen dev split; ``plays`` is ignored)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)} or 'exact'")
+    if name == "commongen":
+        description, _, max_new_tokens = TASKS[name]
+        examples = _commongen(num_prompts, random.Random(seed))
+        return Task(name, examples, max_new_tokens, description, chat=True)
     unknown = set(plays) - set(list_plays())
     if unknown:
         raise ValueError(f"unknown plays {sorted(unknown)}")
