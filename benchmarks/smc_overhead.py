@@ -8,6 +8,12 @@ The goal is smc/generate <= 1.10: SMC needs no extra forward passes.
     python benchmarks/smc_overhead.py                                  # CPU defaults
     python benchmarks/smc_overhead.py --device cuda --dtype bfloat16 \
         --particles 16 64 256 --layers 12 --hidden 768 --vocab 32000    # a GPU run
+    python benchmarks/smc_overhead.py --model smollm2-135m-instruct --potential mask text
+
+``--model`` times a real model (any ``llmsample.load_model`` name or folder) on a chat
+prompt instead of a random one. ``--potential text`` swaps the token mask for a text
+potential whose twist decodes every particle's text at every step (a soft concept-coverage
+twist, ``ConceptCoverage``): the cost to watch on a large vocabulary.
 
 Writes the JSON to --out and replaces this benchmark's section for the device in
 --markdown (between <!-- smc_overhead:DEVICE --> markers), leaving other sections.
@@ -31,6 +37,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
 
 import llmsample  # noqa: E402
+from llmsample.lm import encode_prompts, vocab_size  # noqa: E402
 from llmsample.potentials import TokenMask  # noqa: E402
 
 GOAL = 1.10
@@ -42,6 +49,16 @@ INTRO = (
 
 
 def build_model(args):
+    if args.model and args.random_init:  # the architecture and tokenizer, not the weights
+        from transformers import AutoConfig, AutoTokenizer
+
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model)).eval()
+        tok = AutoTokenizer.from_pretrained(args.model)
+        return model.to(device=args.device, dtype=getattr(torch, args.dtype)), tok
+    if args.model:
+        model, tok = llmsample.load_model(args.model, device=args.device)
+        return model.to(dtype=getattr(torch, args.dtype)), tok
     common = dict(vocab_size=args.vocab, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if args.arch == "gpt2":
         cfg = GPT2Config(
@@ -63,7 +80,28 @@ def build_model(args):
         )
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    return model.to(device=args.device, dtype=getattr(torch, args.dtype))
+    return model.to(device=args.device, dtype=getattr(torch, args.dtype)), None
+
+
+def build_prompt(args, tok, g):
+    """[B, P] prompt ids: random tokens, or a chat prompt when the model has a template."""
+    if tok is not None and getattr(tok, "chat_template", None):
+        text = "Write one short sentence about a dog, a ball and a park."
+        ids = encode_prompts(tok, [text] * args.batch, chat=True).input_ids
+    else:
+        ids = torch.randint(1, args.vocab, (args.batch, args.prompt_len), generator=g)
+    return ids.to(args.device), torch.ones_like(ids, device=args.device)
+
+
+def build_potential(kind, args, vocab, g):
+    if kind == "mask":
+        banned = torch.randperm(vocab, generator=g)[: int(args.banned_frac * vocab)]
+        return TokenMask(banned=banned.tolist())
+    # a text potential with a prefix twist: every particle's text is decoded and its words
+    # lemmatized every step (soft, so a random-weight model never zeroes it)
+    from llmsample.concepts import ConceptCoverage
+
+    return ConceptCoverage("dog", "ball", "park", beta=3.0, as_twist=True)
 
 
 def timed(fn, device):
@@ -92,7 +130,7 @@ def machine_info(args):
     )
 
 
-def bench(model, args, n, ids, mask, potential):
+def bench(model, tok, args, n, ids, mask, potential):
     B, P = ids.shape
     T = args.new_tokens
 
@@ -115,7 +153,7 @@ def bench(model, args, n, ids, mask, potential):
     def smc(seed):
         return llmsample.smc_generate(
             model,
-            None,
+            tok,
             input_ids=ids,
             attention_mask=mask,
             potential=potential,
@@ -164,29 +202,39 @@ def bench(model, args, n, ids, mask, potential):
 
 
 def markdown(res, info, args, command):
-    key = f"smc_overhead:{args.device}:prompt{args.prompt_len}"
+    model = args.model or f"{args.arch} {args.layers}x{args.hidden}"
+    P = info["prompt_tokens"]
+    name = "random" if not args.model else Path(args.model).name + "-arch" * args.random_init
+    key = f"smc_overhead:{args.device}:{name}:prompt{P}"
+    potentials = {
+        "mask": f"TokenMask banning {args.banned_frac:.0%} of the vocab",
+        "text": "ConceptCoverage(dog, ball, park) as twist (decodes every text each step)",
+    }
     lines = [
         f"<!-- {key} -->",
-        f"### smc_overhead ({args.device}, prompt length {args.prompt_len})",
+        f"### smc_overhead ({args.device}, {model}, prompt length {P})",
         "",
         f"`{command}`",
         "",
-        f"{args.arch} {args.layers}x{args.hidden}, vocab {args.vocab}, random init, "
-        f"{args.dtype}; {args.batch} prompt(s) of {args.prompt_len} tokens, "
+        f"{model}, vocab {info['vocab']}, "
+        f"{'pretrained' if args.model and not args.random_init else 'random init'}, "
+        f"{args.dtype}; {args.batch} prompt(s) of {P} tokens, "
         f"{args.new_tokens} new tokens, medians of {args.repeats} interleaved runs. "
-        f"SMC: TokenMask banning {args.banned_frac:.0%} of the vocab as twist, "
+        f"SMC twists: {'; '.join(f'{k}: {potentials[k]}' for k in args.potential)}; "
         f"ess_threshold {args.ess_threshold}. Machine: {info['device_name']}, "
         f"{info['cpu_count']} CPUs ({info['torch_threads']} torch threads), "
         f"{info['platform']}, torch {info['torch']}, transformers {info['transformers']}, "
         f"load avg {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}.",
         "",
-        "| N | generate s | smc s | smc/gen (medians) | median pair ratio | smc/gen (mins) "
-        "| gen tok/s | smc tok/s | fwd tokens gen / smc | resampling steps | <= 1.10 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| potential | N | generate s | smc s | smc/gen (medians) | median pair ratio "
+        "| smc/gen (mins) | gen tok/s | smc tok/s | fwd tokens gen / smc | resampling steps "
+        "| <= 1.10 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res:
         lines.append(
-            f"| {r['particles']} | {r['gen_s']:.3f} | {r['smc_s']:.3f} | {r['ratio']:.2f} "
+            f"| {r['potential']} | {r['particles']} | {r['gen_s']:.3f} | {r['smc_s']:.3f} "
+            f"| {r['ratio']:.2f} "
             f"| {r['pair_ratio']:.2f} | {r['min_ratio']:.2f} "
             f"| {r['gen_tok_s']:.0f} | {r['smc_tok_s']:.0f} "
             f"| {r['gen_forward_tokens']} / {r['smc_forward_tokens']} "
@@ -208,6 +256,14 @@ def markdown(res, info, args, command):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="a real model: load_model name or folder")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="with --model FOLDER: its config and tokenizer with random weights (the same "
+        "compute; for machines the weights cannot reach)",
+    )
+    p.add_argument("--potential", nargs="+", choices=["mask", "text"], default=["mask"])
     p.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -226,24 +282,25 @@ def main():
     p.add_argument("--out", default="benchmarks/results/smc_overhead.json")
     p.add_argument("--markdown", default="benchmarks/RESULTS.md")
     args = p.parse_args()
+    if "text" in args.potential and not args.model:
+        p.error("--potential text decodes text: it needs --model (a model with a tokenizer)")
     if args.threads:
         torch.set_num_threads(args.threads)
     command = " ".join(["python benchmarks/smc_overhead.py", *sys.argv[1:]])
 
     info = machine_info(args)
-    model = build_model(args)
+    model, tok = build_model(args)
     g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(1, args.vocab, (args.batch, args.prompt_len), generator=g)
-    ids, mask = ids.to(args.device), torch.ones_like(ids, device=args.device)
-    banned = torch.randperm(args.vocab, generator=g)[: int(args.banned_frac * args.vocab)]
-    potential = TokenMask(banned=banned.tolist())
+    ids, mask = build_prompt(args, tok, g)
+    info.update(prompt_tokens=ids.shape[1], vocab=vocab_size(model))
 
     res = []
-    for n in args.particles:
-        r = bench(model, args, n, ids, mask, potential)
+    for kind, n in [(k, n) for k in args.potential for n in args.particles]:
+        potential = build_potential(kind, args, vocab_size(model), g)
+        r = dict(potential=kind, **bench(model, tok, args, n, ids, mask, potential))
         res.append(r)
         print(
-            f"N={n:4d}  generate {r['gen_s']:.3f}s ({r['gen_tok_s']:.0f} tok/s)  "
+            f"{kind:5s} N={n:4d}  generate {r['gen_s']:.3f}s ({r['gen_tok_s']:.0f} tok/s)  "
             f"smc {r['smc_s']:.3f}s ({r['smc_tok_s']:.0f} tok/s)  smc/gen {r['ratio']:.2f} "
             f"(pairs {r['pair_ratio']:.2f}, mins {r['min_ratio']:.2f})  "
             f"fwd tokens {r['gen_forward_tokens']}/{r['smc_forward_tokens']}  "

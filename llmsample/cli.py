@@ -27,7 +27,11 @@ class UsageError(Exception):
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="shakespeare-tiny", help="embedded name, folder or hub id")
+    p.add_argument(
+        "--model",
+        default="shakespeare-tiny",
+        help="a model name (see `llmsample models`), a local folder or a hub id",
+    )
     p.add_argument(
         "--adapter",
         default=None,
@@ -92,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="WORD",
         help="the continuation must contain WORD (repeatable)",
+    )
+    g.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="the continuation must use WORD in some inflected form (repeatable; 'stand' is "
+        "met by 'stood'); SMC resamples towards replies that already use more of them",
+    )
+    g.add_argument(
+        "--concept-bonus",
+        type=float,
+        default=2.0,
+        help="the --concept twist: log psi = bonus x concepts used so far (0: no twist)",
     )
     g.add_argument("--regex", default=None, help="the continuation must match this regex")
     g.add_argument(
@@ -164,12 +182,15 @@ def _print_models(rows: list[dict]) -> None:
 
 def _text_potentials(args) -> list:
     """The potentials that need no model, built (and validated) before loading one."""
+    from llmsample.concepts import Concepts
     from llmsample.potentials import Contains, Regex
 
     parts = []
     try:
         if args.contains:
             parts.append(Contains(*args.contains))
+        if args.concept:
+            parts.append(Concepts(*args.concept, prefix_bonus=args.concept_bonus))
         if args.regex is not None:
             parts.append(Regex(args.regex))
     except ValueError as err:
@@ -248,6 +269,7 @@ def run_generate(args) -> dict:
                 tok,
                 [prompt],
                 potential=potential,
+                twist="prefix" if potential is not None and potential.has_prefix else "none",
                 num_particles=args.particles,
                 proposal=ModelProposal(model, args.temperature)
                 if args.adapter is not None

@@ -253,3 +253,19 @@ def test_cli_demo_on_the_chat_model_uses_commongen_concepts(capsys):
             assert row["smc_rate"] == 1.0
             assert all(covers_all(s, row["words"]) for s in row["smc_samples"])
             assert "<|im_start|>" not in " ".join(row["smc_samples"])
+
+
+def test_cli_concept_flag_weights_by_inflected_concepts(capsys):
+    """--concept uses the lemma-based Concepts potential with its twist: every sample with
+    weight > 0 uses each concept in some form, and a bad bonus is a usage error."""
+    from llmsample.concepts import covers_all
+
+    argv = ["generate", "ROMEO:\\n", "--concept", "love", "--line", "--particles", "32"]
+    code, out, err = run_cli(capsys, *argv, "--max-new-tokens", "16", "--show", "32", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert math.isfinite(res["log_z"]) and res["resampling_steps"]
+    weighted = [s["text"] for s in res["samples"] if s["weight"] > 0]
+    assert weighted and all(covers_all(t, ["love"]) for t in weighted)
+    code, _, err = run_cli(capsys, *argv, "--concept-bonus", "-1")
+    assert code == 2 and "prefix_bonus" in err
