@@ -90,13 +90,8 @@ import transformers  # noqa: E402
 
 import llmsample  # noqa: E402
 from llmsample.gfn import GFNConfig, add_lora, sample_rollouts, trajectory_balance  # noqa: E402
-from llmsample.lm import (  # noqa: E402
-    PromptBatch,
-    cache_kwarg,
-    encode_prompts,
-    output_cache,
-    teacher_force,
-)
+from llmsample.lm import cache_kwarg, output_cache, teacher_force  # noqa: E402
+from llmsample.prompts import PromptBatch, encode_prompts  # noqa: E402
 
 MEMORY_GOAL = 0.5  # peak memory ours / reference <= this
 SPEED_GOAL = 1.0  # samples/s ours / reference >= this

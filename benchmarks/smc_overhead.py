@@ -37,8 +37,9 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
 
 import llmsample  # noqa: E402
-from llmsample.lm import encode_prompts, vocab_size  # noqa: E402
+from llmsample.lm import vocab_size  # noqa: E402
 from llmsample.potentials import TokenMask  # noqa: E402
+from llmsample.prompts import encode_prompts  # noqa: E402
 
 GOAL = 1.10
 INTRO = (

@@ -48,8 +48,8 @@ import llmsample
 from llmsample.bounds import joint_infill_samples
 from llmsample.generate import smc_generate
 from llmsample.gfn import FlowTwist
-from llmsample.lm import line_end_ids
 from llmsample.potentials import SuffixLikelihood
+from llmsample.prompts import line_end_ids
 from llmsample.twist_head import LearnedTwist, TwistHead, text_features
 
 __all__ = ["run_bounds", "main", "METHODS", "TWISTS"]

@@ -27,6 +27,10 @@ the same ``k`` draws per prompt (``--samples``, 4 by default):
   independent, unlike k draws from one run's particles, which collapse to few texts.
   Its log Z is log mean_r Z_r (unbiased for Z, like each run's).
 - ``smc-twist-indep`` N=16,K=k: the same with the prefix twist in every run.
+- ``smc-guard`` N=16 and ``smc-guard-indep`` N=16,K=k: ``smc-twist`` and
+  ``smc-twist-indep`` with ``stop_guard=True`` (no EOS while a concept is missing; exact).
+- ``smc-guard`` N=64: the same at 4x the compute (the one row that is not at equal
+  forward tokens).
 - with ``evals/adapters/commongen/adapter_config.json``: ``gfn`` (16 samples of the
   GFlowNet policy) and ``smc-gfn`` (SMC with the policy as the proposal and the prefix
   twist; weights against p_base * phi).
@@ -43,8 +47,9 @@ from pathlib import Path
 import torch
 
 import llmsample
-from llmsample.lm import encode_prompts, line_end_ids, score_continuations
+from llmsample.lm import score_continuations
 from llmsample.output import SamplingOutput
+from llmsample.prompts import encode_prompts, line_end_ids
 from llmsample.proposals import LMProposal
 
 __all__ = ["Method", "methods", "draws", "score_texts", "ADAPTERS", "TWISTS", "N_COMMONGEN"]
@@ -112,7 +117,7 @@ def _beam(k=8):
     return run
 
 
-def _smc(n, twist=False, resample=True, proposal=None):
+def _smc(n, twist=False, resample=True, proposal=None, guard=False):
     def run(model, tok, task, examples, seed):
         fn = llmsample.smc_generate if resample else llmsample.importance_generate
         return fn(
@@ -123,6 +128,7 @@ def _smc(n, twist=False, resample=True, proposal=None):
             twist="prefix" if twist else "none",
             num_particles=n,
             proposal=proposal or LMProposal(),
+            stop_guard=guard,
             **_common(model, tok, task, examples, seed),
         )
 
@@ -315,7 +321,7 @@ def _pool_runs(out: SamplingOutput, B: int, K: int, seed: int) -> SamplingOutput
     )
 
 
-def _smc_indep(n, k, twist=False):
+def _smc_indep(n, k, twist=False, guard=False):
     """k independent SMC runs of n // k particles per prompt, one draw from each."""
 
     def run(model, tok, task, examples, seed):
@@ -327,6 +333,7 @@ def _smc_indep(n, k, twist=False):
             potential=task.potential(model, tok, rep, twist=twist),
             twist="prefix" if twist else "none",
             num_particles=n // k,
+            stop_guard=guard,
             **_common(model, tok, task, rep, seed),
         )
         return _pool_runs(out, len(examples), k, seed)
@@ -359,6 +366,10 @@ def _commongen_grid(quick: bool, samples: int) -> list[Method]:
     out.append(Method("smc-twist", f"N={n}", _smc(n, twist=True)))
     out.append(Method("smc-indep", f"N={n},K={k}", _smc_indep(n, k)))
     out.append(Method("smc-twist-indep", f"N={n},K={k}", _smc_indep(n, k, twist=True)))
+    out.append(Method("smc-guard", f"N={n}", _smc(n, twist=True, guard=True)))
+    out.append(Method("smc-guard-indep", f"N={n},K={k}", _smc_indep(n, k, True, True)))
+    if not quick:  # 4x the compute: what it takes to leave no concept set without a success
+        out.append(Method("smc-guard", f"N={4 * n}", _smc(4 * n, twist=True, guard=True)))
     if (ADAPTERS / "commongen" / "adapter_config.json").is_file():
         out.append(Method("gfn", f"K={n}", _gfn(k=n)))
         out.append(Method("smc-gfn", f"N={n}", _smc_gfn(n)))

@@ -182,88 +182,97 @@ def _ci(r: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * r[key]:.{digits}f} ({scale * lo:.{digits}f}–{scale * hi:.{digits}f})"
 
 
-def markdown_commongen(summary: dict, meta: dict) -> str:
-    rows = summary["rows"]
-    pts = [(100 - r["self_bleu"], r["rougeL"]) for r in rows]
-    front = set(pareto_front(pts))
+def _log_z(r: dict) -> str:
+    if r.get("log_z_mean") is None:
+        return "–"
+    return f"{r['log_z_mean']:.2f} ({_fmt(r.get('log_z_std'))})"
+
+
+# the table columns after "method | knob": (header, cell of a summary row)
+COMMONGEN_COLUMNS = [
+    ("coverage % (95% CI)", lambda r: _ci(r, "coverage_all", 100)),
+    ("concepts % (95% CI)", lambda r: _ci(r, "concept_frac", 100)),
+    ("BLEU-4 corpus", lambda r: f"{r['corpus_bleu']:.1f}"),
+    ("BLEU-4 sentence (95% CI)", lambda r: _ci(r, "sentence_bleu")),
+    ("ROUGE-L (95% CI)", lambda r: _ci(r, "rougeL")),
+    ("self-BLEU", lambda r: _fmt(r["self_bleu"], 1)),
+    ("distinct-2", lambda r: _fmt(r["distinct_2"])),
+    ("emb. div.", lambda r: _fmt(r.get("embedding_diversity"))),
+    ("unique", lambda r: _fmt(r["unique_ratio"])),
+    ("fluency", lambda r: _fmt(r.get("fluency"))),
+    ("1-sent %", lambda r: _fmt(100 * r["one_sentence"], 0)),
+    ("log Z (std)", _log_z),
+    (
+        "distinct particles / draws",
+        lambda r: f"{_fmt(r.get('distinct_particles'), 1)} / {_fmt(r.get('distinct_draws'), 1)}",
+    ),
+    ("fwd tokens/prompt", lambda r: f"{r['forward_tokens']:.0f}"),
+    ("s/prompt", lambda r: f"{r['seconds']:.2f}"),
+]
+COLUMNS = [
+    ("ROUGE-L (95% CI)", lambda r: _ci(r, "rougeL")),
+    ("sentence BLEU (95% CI)", lambda r: _ci(r, "sentence_bleu")),
+    ("corpus BLEU", lambda r: f"{r['corpus_bleu']:.1f}"),
+    ("self-BLEU", lambda r: _fmt(r["self_bleu"], 1)),
+    ("distinct-2", lambda r: _fmt(r["distinct_2"])),
+    ("entropy-2", lambda r: _fmt(r["entropy_2"])),
+    ("unique", lambda r: _fmt(r["unique_ratio"])),
+    ("constraint rate", lambda r: _fmt(r["constraint_rate"])),
+    ("log Z (std over seeds)", _log_z),
+    ("final ESS/N", lambda r: _fmt(r["ess_final"])),
+    ("fwd tokens/prompt", lambda r: f"{r['forward_tokens']:.0f}"),
+    ("s/prompt", lambda r: f"{r['seconds']:.2f}"),
+]
+
+
+def _table(rows: list[dict], columns) -> list[str]:
+    """Markdown table lines; ``*`` marks the Pareto front of ROUGE-L vs 100 - self-BLEU."""
+    front = set(pareto_front([(100 - r["self_bleu"], r["rougeL"]) for r in rows]))
     lines = [
-        "# commongen: concept coverage, quality, diversity, fluency",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Model: `{meta['model']}` (chat template); {meta['num_prompts']} CommonGen dev concept "
-        f"sets x seeds {meta['seeds']}; {meta['samples_per_prompt']} draws per prompt per cell "
-        "(see `evals/methods.py` for how each method draws). 95% bootstrap CIs over prompts x "
-        "seeds. Coverage: % of draws that use every concept (lemma match); concepts: mean % "
-        "of the concepts used. BLEU-4: sacrebleu corpus BLEU and mean sentence BLEU (with CI); "
-        "ROUGE-L F1 (max over references). Diversity among each prompt's draws: self-BLEU, "
-        "distinct-2, embedding diversity (1 - mean cosine, MiniLM), unique = distinct draws / "
-        "draws. Fluency: mean log p per token under the base model given the prompt. 1-sent: "
-        "% of draws that are exactly one sentence. Distinct particles / draws: distinct texts "
-        "per prompt. `*` marks the Pareto front of ROUGE-L vs (100 - self-BLEU).",
-        "",
-        "| method | knob | coverage % (95% CI) | concepts % (95% CI) | BLEU-4 corpus "
-        "| BLEU-4 sentence (95% CI) | ROUGE-L (95% CI) | self-BLEU | distinct-2 | emb. div. "
-        "| unique | fluency | 1-sent % | log Z (std) | distinct particles / draws "
-        "| fwd tokens/prompt | s/prompt |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | knob | " + " | ".join(head for head, _ in columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
     ]
     for i, r in enumerate(rows):
-        lz = (
-            "–"
-            if r.get("log_z_mean") is None
-            else f"{r['log_z_mean']:.2f} ({_fmt(r.get('log_z_std'))})"
-        )
-        lines.append(
-            f"| {r['method']}{' *' if i in front else ''} | {r['knob']} "
-            f"| {_ci(r, 'coverage_all', 100)} | {_ci(r, 'concept_frac', 100)} "
-            f"| {r['corpus_bleu']:.1f} | {_ci(r, 'sentence_bleu')} | {_ci(r, 'rougeL')} "
-            f"| {_fmt(r['self_bleu'], 1)} | {_fmt(r['distinct_2'])} "
-            f"| {_fmt(r.get('embedding_diversity'))} | {_fmt(r['unique_ratio'])} "
-            f"| {_fmt(r.get('fluency'))} | {_fmt(100 * r['one_sentence'], 0)} | {lz} "
-            f"| {_fmt(r.get('distinct_particles'), 1)} / {_fmt(r.get('distinct_draws'), 1)} "
-            f"| {r['forward_tokens']:.0f} | {r['seconds']:.2f} |"
-        )
-    lines += ["", f"BLEU signature: `{rows[0]['bleu_signature']}`", ""]
-    return "\n".join(lines)
+        name = f"{r['method']}{' *' if i in front else ''}"
+        cells = [name, r["knob"], *(cell(r) for _, cell in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
-def markdown(summary: dict, meta: dict) -> str:
+def _intro(meta: dict) -> tuple[str, str]:
+    """The title and the paragraph that says what the table shows."""
     if meta.get("task") == "commongen":
-        return markdown_commongen(summary, meta)
-    rows = summary["rows"]
-    pts = [(100 - r["self_bleu"], r["rougeL"]) for r in rows]
-    front = set(pareto_front(pts))
-    lines = [
-        f"# {meta['task']}: quality vs diversity vs posterior accuracy",
-        "",
-        f"Command: `{meta['command']}`  ",
+        return "# commongen: concept coverage, quality, diversity, fluency", (
+            f"Model: `{meta['model']}` (chat template); {meta['num_prompts']} CommonGen dev "
+            f"concept sets x seeds {meta['seeds']}; {meta['samples_per_prompt']} draws per "
+            "prompt per cell (see `evals/methods.py` for how each method draws). 95% bootstrap "
+            "CIs over prompts x seeds. Coverage: % of draws that use every concept (lemma "
+            "match); concepts: mean % of the concepts used. BLEU-4: sacrebleu corpus BLEU and "
+            "mean sentence BLEU (with CI); ROUGE-L F1 (max over references). Diversity among "
+            "each prompt's draws: self-BLEU, distinct-2, embedding diversity (1 - mean cosine, "
+            "MiniLM), unique = distinct draws / draws. Fluency: mean log p per token under the "
+            "base model given the prompt. 1-sent: % of draws that are exactly one sentence. "
+            "log Z: mean over the prompts where some particle survived. Distinct particles / "
+            "draws: distinct texts per prompt. `*` marks the Pareto front of ROUGE-L vs "
+            "(100 - self-BLEU)."
+        )
+    return f"# {meta['task']}: quality vs diversity vs posterior accuracy", (
         f"Model: `{meta['model']}`; {meta['num_prompts']} prompts x seeds {meta['seeds']}; "
         f"{meta['samples_per_prompt']} samples per prompt per cell (posterior draws by weight "
         "for weighted methods). Quality: mean over prompts x seeds with a 95% bootstrap CI. "
         "Diversity: per prompt, averaged. `*` marks the Pareto front of ROUGE-L vs "
-        "(100 - self-BLEU).",
-        "",
-        "| method | knob | ROUGE-L (95% CI) | sentence BLEU (95% CI) | corpus BLEU | self-BLEU "
-        "| distinct-2 | entropy-2 | unique | constraint rate | log Z (std over seeds) "
-        "| final ESS/N | fwd tokens/prompt | s/prompt |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for i, r in enumerate(rows):
-        lz = (
-            "–"
-            if r.get("log_z_mean") is None
-            else f"{r['log_z_mean']:.2f} ({_fmt(r.get('log_z_std'))})"
-        )
-        lo, hi = r["rougeL_ci"]
-        blo, bhi = r["sentence_bleu_ci"]
-        lines.append(
-            f"| {r['method']}{' *' if i in front else ''} | {r['knob']} "
-            f"| {r['rougeL']:.1f} ({lo:.1f}–{hi:.1f}) "
-            f"| {r['sentence_bleu']:.1f} ({blo:.1f}–{bhi:.1f}) "
-            f"| {r['corpus_bleu']:.1f} | {_fmt(r['self_bleu'], 1)} | {_fmt(r['distinct_2'])} "
-            f"| {_fmt(r['entropy_2'])} | {_fmt(r['unique_ratio'])} | {_fmt(r['constraint_rate'])} "
-            f"| {lz} | {_fmt(r['ess_final'])} | {r['forward_tokens']:.0f} | {r['seconds']:.2f} |"
-        )
+        "(100 - self-BLEU)."
+    )
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    rows = summary["rows"]
+    title, intro = _intro(meta)
+    columns = COMMONGEN_COLUMNS if meta.get("task") == "commongen" else COLUMNS
+    commands = meta.get("commands") or [meta["command"]]
+    lines = [title, ""]
+    lines += [f"Command: `{c}`  " for c in commands]
+    lines += [intro, "", *_table(rows, columns)]
     lines += ["", f"BLEU signature: `{rows[0]['bleu_signature']}`", ""]
     return "\n".join(lines)
 

@@ -120,8 +120,23 @@ def run_task(
         samples_per_prompt=samples,
         quick=quick,
         command=command,
+        commands=_commands(out, command),
     )
     return report.write_report(out, meta)
+
+
+def _commands(out: Path, command: str) -> list[str]:
+    """Every command that wrote cells into ``out`` (processes may share a grid with
+    ``--methods``), in order, the current one last. A command without ``--methods``
+    runs (or finds) every cell of the grid, so it stands alone."""
+    previous = []
+    if "--methods" not in command.split():
+        return [command]
+    summary = out / "summary.json"
+    if summary.is_file():
+        meta = json.loads(summary.read_text()).get("meta", {})
+        previous = meta.get("commands") or [meta.get("command")]
+    return [c for c in previous if c and c != command] + [command]
 
 
 def _record(task, method, seed, pid, ex, output, b, texts, index, failed, seconds, fluency=None):

@@ -41,9 +41,9 @@ import torch
 from torch import Tensor
 
 from llmsample.generate import _eos_ids, ancestral_generate, smc_generate
-from llmsample.lm import encode_prompts, line_end_ids
 from llmsample.metrics.posterior import bound_gap
 from llmsample.potentials import Potential
+from llmsample.prompts import encode_prompts, line_end_ids
 from llmsample.smc import SMCConfig
 
 __all__ = [

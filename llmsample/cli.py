@@ -221,8 +221,8 @@ def load_for_cli(args):
 
 def run_generate(args) -> dict:
     import llmsample
-    from llmsample.lm import line_end_ids
     from llmsample.potentials import SuffixLikelihood
+    from llmsample.prompts import line_end_ids
     from llmsample.proposals import LMProposal, ModelProposal
 
     if args.method == "beam" and args.temperature != 1.0:

@@ -65,7 +65,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from llmsample.lm import PromptBatch, _positions
+from llmsample.lm import position_ids
+from llmsample.prompts import PromptBatch
 
 __all__ = ["ctl_loss", "base_states", "lengths_of"]
 
@@ -159,7 +160,7 @@ def base_states(
         out = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=_positions(mask),
+            position_ids=position_ids(mask),
             use_cache=False,
             output_hidden_states=True,
         )

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from llmsample.checkpoints import StopFlag, list_checkpoints, load_checkpoint, save_checkpoint
 from llmsample.ctl import base_states, ctl_loss, lengths_of
-from llmsample.lm import encode_prompts
 from llmsample.particles import Particles
 from llmsample.potentials import PerPrompt, Potential
+from llmsample.prompts import encode_prompts
 from llmsample.twist_head import LearnedTwist, TwistHead
 
 __all__ = ["CTLConfig", "CTLTrainer", "train_ctl"]

@@ -69,8 +69,8 @@ CHAT_DEMO = DemoSpec(
 def _setup(spec: DemoSpec, tok):
     """(prompts, plain potential, twisted potential, eos ids) for a scenario."""
     from llmsample.concepts import Concepts
-    from llmsample.lm import line_end_ids
     from llmsample.potentials import Contains, PerPrompt
+    from llmsample.prompts import line_end_ids
 
     if spec.chat:
         from llmsample.commongen import commongen_prompt

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llmsample.lm import encode_prompts, vocab_size
+from llmsample.lm import vocab_size
 from llmsample.particles import Particles
 from llmsample.potentials import Potential
+from llmsample.prompts import encode_prompts
 
 __all__ = ["ExactTarget", "enumerate_target", "toy_tokenizer", "toy_model", "TOY_EOS"]
 

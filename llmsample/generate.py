@@ -28,10 +28,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from llmsample.lm import encode_prompts, vocab_size
+from llmsample.lm import vocab_size
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
 from llmsample.potentials import Potential
+from llmsample.prompts import encode_prompts
 from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal, Proposal
 from llmsample.smc import SMCConfig, run_smc
 from llmsample.twists import NoTwist, PotentialTwist, Twist
@@ -167,6 +168,7 @@ def smc_generate(
     ess_threshold: float | None = None,
     seed: int | None = None,
     progress: bool | None = None,
+    stop_guard: bool | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     config: SMCConfig | None = None,
@@ -190,7 +192,10 @@ def smc_generate(
     'none', 'prefix' (the potential's prefix scores) or a :class:`Twist`;
     ``proposal`` is None (the base LM), 'optimal' (q ∝ p·psi, needs token-level
     twist scores), a :class:`Proposal`, another causal LM sharing the tokenizer, or
-    'adapter' (below).
+    'adapter' (below). ``stop_guard=True`` keeps the proposal from ending a reply that
+    a hard potential would reject as it stands (EOS gets no mass there; the weights stay
+    exact): with a constraint like :class:`~llmsample.concepts.Concepts`, far fewer
+    particles die at EOS.
 
     **LoRA adapters (peft).** A peft model as the proposal, e.g. a GFlowNet-tuned
     ``policy``, is q with its adapter on. When ``model`` is that same peft model, or
@@ -209,6 +214,7 @@ def smc_generate(
         ess_threshold=ess_threshold,
         seed=seed,
         progress=progress,
+        stop_guard=stop_guard,
     )
     cfg = dataclasses.replace(
         config or SMCConfig(), **{k: v for k, v in knobs.items() if v is not None}

@@ -1,4 +1,4 @@
-"""Hugging Face adapter: prompts, batched prefill, cached steps, reorder, teacher forcing.
+"""Hugging Face adapter: batched prefill, cached steps, reorder, teacher forcing.
 
 This is the only module that touches transformers internals. Rows of a session are
 (prompt, particle) pairs laid out prompt-major: row ``b * N + i`` is particle ``i``
@@ -6,7 +6,7 @@ of prompt ``b``. Prompts are left padded and position ids come from the attentio
 mask, exactly as ``model.generate`` does, so a batch of prompts of different lengths
 runs in one forward pass per step.
 
-    prompts = encode_prompts(tokenizer, ["ROMEO:", "JULIET: Ay"])
+    prompts = encode_prompts(tokenizer, ["ROMEO:", "JULIET: Ay"])   # llmsample.prompts
     session = LMSession(model, prompts, num_particles=8)   # prefill once, expand to 8
     logp = session.logp                                     # [16, V] next-token log-probs
     logp = session.step(tokens)                             # append one token per row
@@ -24,171 +24,20 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from llmsample.prompts import PromptBatch
+
 __all__ = [
-    "PromptBatch",
     "LMSession",
-    "encode_prompts",
     "score_continuations",
     "teacher_force",
     "TeacherForced",
     "context_length",
     "vocab_size",
-    "line_end_ids",
-    "chat_prompt_texts",
     "cache_kwarg",
     "output_cache",
+    "position_ids",
+    "model_device",
 ]
-
-
-@dataclass
-class PromptBatch:
-    """Left-padded prompts. ``input_ids``/``attention_mask`` are [B, P]."""
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    pad_token_id: int
-
-    @property
-    def size(self) -> int:
-        return self.input_ids.shape[0]
-
-    def to(self, device: torch.device | str) -> PromptBatch:
-        return PromptBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.pad_token_id
-        )
-
-
-def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        if r:
-            ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[b, width - len(r) :] = 1
-    return ids, mask
-
-
-def encode_prompts(
-    tokenizer=None,
-    prompts: str | list[str] | None = None,
-    *,
-    input_ids: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-    pad_token_id: int | None = None,
-    chat: bool = False,
-    messages: list[list[dict]] | None = None,
-) -> PromptBatch:
-    """Turn text prompts, chat messages or ``input_ids``/``attention_mask`` into a
-    left-padded batch.
-
-    Text is tokenized like ``tokenizer(prompt)`` (special tokens included, as for
-    ``generate``). With ``chat=True`` each text prompt becomes one user message, and
-    ``messages=`` takes the conversations themselves (``[[{"role": "user", "content":
-    ...}], ...]``): both go through the tokenizer's chat template with the generation
-    prompt (:func:`chat_prompt_texts`). Tensors may be left or right padded: each row's
-    unmasked tokens are kept, in order, and re-padded on the left. A tokenizer without a
-    pad token is fine: the pad id falls back to the EOS id (the pad id never reaches the
-    model unmasked).
-    """
-    if messages is not None:
-        if prompts is not None or input_ids is not None:
-            raise ValueError("pass `messages=` alone, not with `prompts=` or `input_ids=`")
-        prompts, chat = chat_prompt_texts(tokenizer, messages), False
-        rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompts]
-        return _batch(rows, _pad_id(tokenizer, pad_token_id))
-    if chat:
-        if prompts is None:
-            raise ValueError(
-                "`chat=True` applies the chat template to text `prompts=`; "
-                "token ids are already templated: drop `chat=True`"
-            )
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return encode_prompts(
-            tokenizer,
-            messages=[[{"role": "user", "content": t}] for t in texts],
-            pad_token_id=pad_token_id,
-        )
-    if (prompts is None) == (input_ids is None):
-        raise ValueError("pass exactly one of `prompts=` (text) or `input_ids=` (token ids)")
-    pad_token_id = _pad_id(tokenizer, pad_token_id)
-    if prompts is not None:
-        if tokenizer is None:
-            raise ValueError("text prompts need a tokenizer; pass `tokenizer=` or `input_ids=`")
-        texts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not texts:
-            raise ValueError("`prompts` is an empty list; pass at least one prompt")
-        rows = [list(tokenizer(t)["input_ids"]) for t in texts]
-    else:
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        if input_ids.ndim != 2:
-            raise ValueError(
-                f"`input_ids` must be [batch, length], got shape {tuple(input_ids.shape)}"
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"`attention_mask` shape {tuple(attention_mask.shape)} does not match "
-                f"`input_ids` shape {tuple(input_ids.shape)}"
-            )
-        keep = attention_mask.bool().cpu()
-        rows = [r[k].tolist() for r, k in zip(input_ids.cpu(), keep)]
-    return _batch(rows, pad_token_id)
-
-
-def _pad_id(tokenizer, pad_token_id: int | None) -> int:
-    if pad_token_id is None and tokenizer is not None:
-        pad_token_id = tokenizer.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = tokenizer.eos_token_id
-    return 0 if pad_token_id is None else int(pad_token_id)
-
-
-def _batch(rows: list[list[int]], pad_token_id: int) -> PromptBatch:
-    for b, r in enumerate(rows):
-        if not r:
-            raise ValueError(
-                f"prompt {b} is empty (no tokens). Give it at least one token, e.g. the "
-                "tokenizer's BOS token or a newline."
-            )
-    ids, mask = _left_pad(rows, pad_token_id)
-    return PromptBatch(ids, mask, int(pad_token_id))
-
-
-def chat_prompt_texts(tokenizer, messages: list[list[dict]]) -> list[str]:
-    """Each conversation rendered by the tokenizer's chat template, ending with the
-    assistant's generation prompt: the text the model continues (special tokens are
-    in the text; tokenize it with ``add_special_tokens=False``)."""
-    if tokenizer is None:
-        raise ValueError("chat prompts need a tokenizer (its chat template); pass `tokenizer=`")
-    if getattr(tokenizer, "chat_template", None) is None:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
-            f"tokenizer {name!r} has no chat template, so chat prompts cannot be built; pass "
-            "plain text prompts (chat=False), or set `tokenizer.chat_template`"
-        )
-    if isinstance(messages, dict) or not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(
-            "`messages` must be a non-empty list of conversations, each a list of "
-            '{"role": ..., "content": ...} dicts, e.g. [[{"role": "user", "content": "Hi"}]]'
-        )
-    texts = []
-    for b, conv in enumerate(messages):
-        if (
-            isinstance(conv, dict)
-            or not conv
-            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in conv)
-        ):
-            raise ValueError(
-                f"messages[{b}] is not a conversation: give a non-empty list of "
-                '{"role": ..., "content": ...} dicts (one list per prompt)'
-            )
-        texts.append(
-            tokenizer.apply_chat_template(list(conv), add_generation_prompt=True, tokenize=False)
-        )
-    return texts
 
 
 def context_length(model) -> int | None:
@@ -209,24 +58,6 @@ def vocab_size(model) -> int:
     return int(model.config.vocab_size)
 
 
-def line_end_ids(tokenizer) -> list[int]:
-    """Ids of every token whose text contains a newline, plus EOS.
-
-    Passed as ``eos_token_id``, they end each continuation at the end of its line.
-    (With a byte-level BPE such tokens are whitespace-only, so no word is lost.)
-    Computed once per tokenizer object (it decodes the whole vocabulary).
-    """
-    return list(_line_end_ids(tokenizer))
-
-
-@lru_cache(maxsize=8)
-def _line_end_ids(tokenizer) -> tuple[int, ...]:
-    ids = {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(ids))
-
-
 def cache_kwarg(model) -> str:
     """The forward keyword that takes the KV cache: ``cache`` (transformers 5.24+, where
     ``past_key_values`` is deprecated) or ``past_key_values`` (older releases and models
@@ -235,6 +66,8 @@ def cache_kwarg(model) -> str:
 
 
 def _base_module(model):
+    # a wrapper that forwards **kwargs names what it wraps (gfn.BaseView: wrapped_model)
+    model = getattr(model, "wrapped_model", model)
     get_base = getattr(model, "get_base_model", None)  # a peft model forwards **kwargs
     return get_base() if callable(get_base) else model
 
@@ -253,7 +86,7 @@ def output_cache(out):
     return cache
 
 
-def _positions(mask: Tensor) -> Tensor:
+def position_ids(mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -281,14 +114,14 @@ class LMSession:
         self.context = context or nullcontext
         self.keep_hidden = hidden
         self.hidden: Tensor | None = None
-        self.device = _device_of(model)
+        self.device = model_device(model)
         prompts = prompts.to(self.device)
         B, P = prompts.input_ids.shape
         with self.context(), torch.inference_mode():
             out = model(
                 input_ids=prompts.input_ids,
                 attention_mask=prompts.attention_mask,
-                position_ids=_positions(prompts.attention_mask),
+                position_ids=position_ids(prompts.attention_mask),
                 use_cache=True,
                 logits_to_keep=1,
                 output_hidden_states=hidden,
@@ -304,7 +137,7 @@ class LMSession:
         self.logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
         self._keep(out)
         self.attention_mask = prompts.attention_mask
-        self.positions = _positions(prompts.attention_mask)[:, -1]  # [B]
+        self.positions = position_ids(prompts.attention_mask)[:, -1]  # [B]
         self.reorder(
             torch.arange(B, device=self.device).repeat_interleave(num_particles)
         )  # expand the prompt cache once: [B] -> [B*N]
@@ -347,7 +180,7 @@ class LMSession:
         return self.logp
 
 
-def _device_of(model) -> torch.device:
+def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover - parameterless model
@@ -382,7 +215,7 @@ def teacher_force(
     one included; ``hidden`` adds the context's last hidden state. With ``grad`` the
     outputs carry gradients; otherwise the pass runs in inference mode.
     """
-    device = _device_of(model)
+    device = model_device(model)
     ids = torch.cat([context_ids, continuation_ids], dim=1).to(device)  # [R, P+T]
     mask = torch.cat([context_mask, continuation_mask], dim=1).to(device)
     P, T = context_ids.shape[1], continuation_ids.shape[1]
@@ -391,7 +224,7 @@ def teacher_force(
         out = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=_positions(mask),
+            position_ids=position_ids(mask),
             use_cache=False,
             output_hidden_states=hidden,
         )

@@ -24,7 +24,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from llmsample.lm import PromptBatch
+from llmsample.prompts import PromptBatch
 
 __all__ = ["Particles"]
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmsample.lm import LMSession, PromptBatch, vocab_size
+from llmsample.lm import LMSession, vocab_size
 from llmsample.particles import Particles
+from llmsample.prompts import PromptBatch
 
 __all__ = ["Proposal", "LMProposal", "ModelProposal", "LocallyOptimal", "truncate"]
 

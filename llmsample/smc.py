@@ -3,7 +3,9 @@
 For B prompts with N particles each (rows prompt-major), for t = 1..T:
 
 1. **Propose.** Each unfinished row draws x_t ~ q(. | c, x_<t) from the proposal's
-   full next-token distribution; exact log q of the drawn token is kept.
+   full next-token distribution; exact log q of the drawn token is kept. With
+   ``stop_guard``, q puts no mass on EOS where the potential rejects the reply as it
+   stands (sigma has none there either), so fewer particles die at a hard constraint.
 2. **Reweight.** log w += log p(x_t) - log q(x_t) + log psi_t(x_<=t) - log psi_{t-1}.
    A row that completes (x_t is EOS, or t = T) uses log phi instead of log psi_t,
    and from then on its tokens and weight are frozen.
@@ -53,10 +55,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from llmsample.lm import LMSession, PromptBatch, context_length, vocab_size
+from llmsample.lm import LMSession, context_length, vocab_size
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
 from llmsample.potentials import Potential
+from llmsample.prompts import PromptBatch
 from llmsample.proposals import LMProposal, Proposal
 from llmsample.resampling import SCHEMES, ess, log_normalize, resample
 from llmsample.twists import NoTwist, Twist
@@ -86,6 +89,12 @@ class SMCConfig:
         "False returns plain draws from the proposal (uniform weights, no log Z)", True
     )
     progress: bool = _help("show a progress bar over decoding steps", False)
+    stop_guard: bool = _help(
+        "never propose EOS where the potential rejects the reply as it stands (phi = 0): "
+        "sigma has no mass there, so the weights stay exact; costs one potential.complete "
+        "call per step, so meant for cheap hard constraints",
+        False,
+    )
 
     def __post_init__(self):
         if not isinstance(self.num_particles, int) or self.num_particles < 1:
@@ -115,6 +124,21 @@ def _put(out: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, all_rows: 
         return values
     out[rows] = values
     return out
+
+
+def _guard_stop(logq, x: Particles, running, potential: Potential, eos) -> torch.Tensor:
+    """``logq`` [R, V] with EOS removed (and renormalized) on the running rows whose reply,
+    ended now, the potential rejects. sigma has no mass on those completions, so q stays
+    > 0 wherever sigma > 0; the engine weighs the drawn token by this exact log q."""
+    flags = torch.stack([running.all(), running.any()]).tolist()
+    if not flags[1]:
+        return logq
+    phi_now = _score(potential.complete, x, running, flags[0], "potential.complete")
+    reject = torch.zeros_like(running)
+    reject[running] = torch.isneginf(phi_now)
+    masked = logq.index_fill(1, eos, -math.inf)  # [R, V]
+    ok = reject & torch.isfinite(masked.logsumexp(-1))  # another token can still be drawn
+    return torch.where(ok[:, None], torch.log_softmax(masked, dim=-1), logq)
 
 
 def _reference_tokens(reference, B: int, T: int, V: int, eos: torch.Tensor, pad: int):
@@ -229,6 +253,8 @@ def run_smc(
         scores = twist.next_token(x) if proposal.uses_twist_scores else None  # [R, V]
         logp = session.logp  # [R, V]
         logq = proposal.log_probs(logp, x, scores)  # [R, V]
+        if cfg.stop_guard and potential is not None and len(eos):
+            logq = _guard_stop(logq, x, ~finished, potential, eos)
         new = torch.multinomial(logq.exp().float(), 1, generator=gen)[:, 0]  # [R]
         if ref is not None:
             new.view(B, N)[:, 0] = ref[:, t]  # the clamped rows (pad once they have ended)

@@ -52,9 +52,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmsample.lm import LMSession, PromptBatch, _device_of, _positions, encode_prompts
+from llmsample.lm import LMSession, model_device, position_ids
 from llmsample.particles import Particles
 from llmsample.potentials import Potential
+from llmsample.prompts import PromptBatch, encode_prompts
 from llmsample.twists import Twist
 
 __all__ = ["TwistHead", "LearnedTwist", "text_features"]
@@ -151,7 +152,7 @@ def text_features(model, tokenizer, texts: list[str], batch_size: int = 64) -> T
     :class:`TwistHead` reads, e.g. of an infilling suffix."""
     if not texts or any(not isinstance(t, str) or not t for t in texts):
         raise ValueError("text_features needs a non-empty list of non-empty strings")
-    device = _device_of(model)
+    device = model_device(model)
     out = []
     for i in range(0, len(texts), batch_size):
         batch = encode_prompts(tokenizer, texts[i : i + batch_size])
@@ -159,7 +160,7 @@ def text_features(model, tokenizer, texts: list[str], batch_size: int = 64) -> T
         h = model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=_positions(mask),
+            position_ids=position_ids(mask),
             output_hidden_states=True,
             use_cache=False,
         ).hidden_states[-1]
@@ -236,7 +237,7 @@ class LearnedTwist(Twist):
     def scores(self) -> Tensor:
         """[R, V] float64: the head's log psi of every one-token extension of each row."""
         if self._scores is None:
-            head_device = _device_of(self.head)
+            head_device = model_device(self.head)
             cond = None
             if self.condition is not None:
                 cond = self.condition.to(head_device)[self.prompt_index.to(head_device)]

@@ -23,9 +23,9 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from llmsample.lm import PromptBatch
 from llmsample.particles import Particles
 from llmsample.potentials import Potential
+from llmsample.prompts import PromptBatch
 
 __all__ = ["Twist", "NoTwist", "PotentialTwist"]
 

@@ -126,8 +126,8 @@ def _evals_task(cfg):
 
 def lm_task(cfg) -> GFNTask:
     import llmsample
-    from llmsample.lm import line_end_ids
     from llmsample.potentials import PerPrompt, SuffixLikelihood
+    from llmsample.prompts import line_end_ids
 
     model, tok = llmsample.load_model(cfg.model, device=cfg.device)
     task = _evals_task(cfg)

@@ -54,8 +54,9 @@ from llmsample.config import parse_config
 from llmsample.ctl_trainer import CTLConfig, train_ctl
 from llmsample.exact import TOY_EOS, ExactTarget, enumerate_target, toy_model, toy_tokenizer
 from llmsample.generate import smc_generate
-from llmsample.lm import encode_prompts, vocab_size
+from llmsample.lm import vocab_size
 from llmsample.potentials import Reward
+from llmsample.prompts import encode_prompts
 from llmsample.resampling import ess
 from llmsample.twist_head import LearnedTwist, TwistHead
 from llmsample.twists import Twist

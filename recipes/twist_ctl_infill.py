@@ -30,8 +30,9 @@ import torch
 import llmsample
 from llmsample.bounds import joint_infill_samples
 from llmsample.generate import smc_generate
-from llmsample.lm import line_end_ids, vocab_size
+from llmsample.lm import vocab_size
 from llmsample.potentials import SuffixLikelihood
+from llmsample.prompts import line_end_ids
 from llmsample.shakespeare import DEFAULT_HELDOUT, list_plays
 from llmsample.twist_head import LearnedTwist, TwistHead, text_features
 

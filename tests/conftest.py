@@ -16,7 +16,24 @@ from llmsample.exact import toy_model as make_model  # noqa: E402
 from llmsample.exact import toy_tokenizer as make_tokenizer  # noqa: E402
 
 VOCAB = 9
-__all__ = ["EOS", "VOCAB", "make_model", "make_tokenizer"]
+__all__ = ["EOS", "VOCAB", "CHAT_WORDS", "make_model", "make_tokenizer", "make_chat_tokenizer"]
+
+# a toy chat template: "<turn> ROLE CONTENT <eos>" per message, then "<turn> assistant"
+CHAT_WORDS = ["<turn>", "user", "assistant", "system"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<turn> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<turn> assistant {% endif %}"
+)
+
+
+def make_chat_tokenizer(words: list[str]):
+    """A word-level toy tokenizer with a pad token and the chat template above; ``words``
+    must include ``CHAT_WORDS``. EOS (also BOS and end of turn) is id ``len(words)``."""
+    missing = [w for w in CHAT_WORDS if w not in words]
+    assert not missing, f"the chat template needs the words {missing}"
+    tok = make_tokenizer(with_pad=True, words=words)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,7 @@ def test_target_with_adapter_on_is_caught(setup):
     (what calling the wrapped base model does) estimates Z_policy and fails the check."""
     _, policy, tok, exact_base, exact_policy = setup
     runs = 400
-    batch = llmsample.lm.encode_prompts(tok, [p for p in PROMPTS for _ in range(runs)])
+    batch = llmsample.prompts.encode_prompts(tok, [p for p in PROMPTS for _ in range(runs)])
     cfg = SMCConfig(num_particles=16, max_new_tokens=T, ess_threshold=0.7, seed=0)
     twist = llmsample.generate._resolve_twist("prefix", SOFT)
     out = run_smc(

@@ -16,7 +16,8 @@ import torch
 
 from llmsample.exact import TOY_EOS, toy_model, toy_tokenizer
 from llmsample.gfn import GFNConfig, add_lora, sample_rollouts, trajectory_balance
-from llmsample.lm import encode_prompts, teacher_force
+from llmsample.lm import teacher_force
+from llmsample.prompts import encode_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gfn_step.py"

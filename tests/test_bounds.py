@@ -21,9 +21,9 @@ from llmsample.bounds import (
     log_z_upper,
 )
 from llmsample.exact import enumerate_target
-from llmsample.lm import encode_prompts
 from llmsample.metrics import bound_gap
 from llmsample.potentials import Contains, Reward, SuffixLikelihood
+from llmsample.prompts import encode_prompts
 from llmsample.proposals import LocallyOptimal
 from llmsample.smc import SMCConfig, _conditional_multinomial, run_smc
 from llmsample.twists import PotentialTwist, Twist

@@ -2,25 +2,20 @@
 
 import pytest
 import torch
+from conftest import CHAT_WORDS, make_chat_tokenizer
 
 import llmsample
 from llmsample.exact import toy_model, toy_tokenizer
-from llmsample.lm import chat_prompt_texts, encode_prompts
 from llmsample.potentials import Potential
+from llmsample.prompts import chat_prompt_texts, encode_prompts
 
-WORDS = ["a", "b", "c", "d", "<turn>", "user", "assistant", "system"]
+WORDS = ["a", "b", "c", "d", *CHAT_WORDS]
 EOS = len(WORDS)  # "<eos>": EOS, BOS and the end-of-turn token
-TEMPLATE = (
-    "{% for m in messages %}<turn> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}<turn> assistant {% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def chat_tok():
-    tok = toy_tokenizer(with_pad=True, words=WORDS)
-    tok.chat_template = TEMPLATE
-    return tok
+    return make_chat_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

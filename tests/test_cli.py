@@ -11,7 +11,7 @@ import torch
 
 import llmsample
 from llmsample.cli import main
-from llmsample.lm import line_end_ids
+from llmsample.prompts import line_end_ids
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import CHAT_WORDS, make_chat_tokenizer  # noqa: E402
+
 from evals import methods as M  # noqa: E402
 from evals import report  # noqa: E402
 from evals.run import _record  # noqa: E402
@@ -21,7 +23,7 @@ from llmsample.commongen import (  # noqa: E402
     is_one_sentence,
     load_commongen,
 )
-from llmsample.exact import toy_model, toy_tokenizer  # noqa: E402
+from llmsample.exact import toy_model  # noqa: E402
 from llmsample.output import SamplingOutput  # noqa: E402
 
 FIRST_DEV = {
@@ -96,17 +98,12 @@ def test_one_sentence(text, one):
 
 
 # a toy chat model: word-level vocabulary, EOS = id len(WORDS)
-WORDS = ["the", "dog", "dogs", "ran", "run", "ball", "a", "park", ".", "user", "assistant"]
-TEMPLATE = (
-    "{% for m in messages %}user {{ m['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}assistant {% endif %}"
-)
+WORDS = ["the", "dog", "dogs", "ran", "run", "ball", "a", "park", ".", *CHAT_WORDS]
 
 
 @pytest.fixture(scope="module")
 def toy():
-    tok = toy_tokenizer(with_pad=True, words=WORDS)
-    tok.chat_template = TEMPLATE
+    tok = make_chat_tokenizer(WORDS)
     return toy_model("llama", seed=1, scale=1.0, vocab_size=len(WORDS) + 1), tok
 
 
@@ -124,7 +121,7 @@ def test_score_texts_matches_teacher_forcing(toy):
     got = M.score_texts(model, tok, prompts, texts, chat=True)
     eos = tok.eos_token_id
     for p, t, (lp, n) in zip(prompts, texts, got):
-        ctx = tok(f"user {p} <eos> assistant ", add_special_tokens=False)["input_ids"]
+        ctx = tok(f"<turn> user {p} <eos> <turn> assistant ", add_special_tokens=False)["input_ids"]
         cont = tok(t, add_special_tokens=False)["input_ids"] + [eos]
         with torch.no_grad():
             logits = model(torch.tensor([ctx + cont])).logits[0].double()
@@ -191,11 +188,15 @@ def test_commongen_grid_on_a_toy_chat_model(toy, tmp_path, monkeypatch):
         "smc-twist[N=16]",
         "smc-indep[N=16,K=4]",
         "smc-twist-indep[N=16,K=4]",
+        "smc-guard[N=16]",
+        "smc-guard-indep[N=16,K=4]",
+        "smc-guard[N=64]",
     ]
     rows = []
     for m in grid:
         out = m.run(model, tok, task, task.examples, 0)
-        assert out.num_particles == M.N_COMMONGEN and out.num_forward_tokens > 0
+        n = 4 * M.N_COMMONGEN if m.knob == "N=64" else M.N_COMMONGEN
+        assert out.num_particles == n and out.num_forward_tokens > 0
         texts, index, failed = M.draws(out, k, 0)
         assert all(len(t) == k for t in texts)
         if m.name == "best-of-n":  # ranked by (log phi, log p): distinct, best first
@@ -206,7 +207,7 @@ def test_commongen_grid_on_a_toy_chat_model(toy, tmp_path, monkeypatch):
                 assert phi[top[0]] == max(phi)
                 assert all((phi[i], lp[i]) >= (phi[j], lp[j]) for i, j in zip(top, top[1:]))
                 assert len({out.texts[b][i] for i in top}) == len(top)
-        if m.name in ("smc-indep", "smc-twist-indep"):  # one draw from each run of N/K particles
+        if m.name.endswith("-indep"):  # one draw from each run of N/K particles
             size = M.N_COMMONGEN // k
             assert all(r * size <= i < (r + 1) * size for idx in index for r, i in enumerate(idx))
             runs = torch.tensor(out.extras["log_z_runs"], dtype=torch.float64)

@@ -25,8 +25,8 @@ from llmsample.concepts import (
     covers_all,
     parse_concept_set,
 )
-from llmsample.lm import encode_prompts
 from llmsample.potentials import Contains, PerPrompt
+from llmsample.prompts import encode_prompts
 
 NINF = -math.inf
 PROMPTS = encode_prompts(make_tokenizer(), ["a", "b"])

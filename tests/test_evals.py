@@ -71,3 +71,19 @@ def test_exact_task_quick(tmp_path):
 )
 def test_pareto_front(points, front):
     assert report.pareto_front(points) == front
+
+
+def test_report_lists_every_command_that_shared_the_grid(tmp_path):
+    from evals.run import _commands
+
+    out = tmp_path / "grid"
+    out.mkdir()
+    a = "python -m evals.run --task commongen --out x --methods smc"
+    b = "python -m evals.run --task commongen --out x --methods beam"
+    assert _commands(out, a) == [a]
+    (out / "summary.json").write_text(json.dumps({"meta": {"command": a, "commands": [a]}}))
+    assert _commands(out, b) == [a, b]
+    (out / "summary.json").write_text(json.dumps({"meta": {"command": b, "commands": [a, b]}}))
+    assert _commands(out, a) == [b, a]  # a rerun moves to the end, never twice
+    full = "python -m evals.run --task commongen --out x"
+    assert _commands(out, full) == [full]  # the whole grid stands alone

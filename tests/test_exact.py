@@ -198,3 +198,28 @@ def test_weighted_particles_match_posterior_within_noise_floor(setup):
         floor = target.tv_noise_floor(m, q=0.99)
         assert target.tv(samples, out.log_weights[b]) < floor
         assert target.tv(samples) > floor  # unweighted: wrong distribution, caught
+
+
+@pytest.mark.filterwarnings("ignore:the potential rejected every particle")
+@pytest.mark.parametrize("twist", ["none", "prefix"])
+def test_stop_guard_keeps_z_hat_unbiased_and_never_ends_rejected(setup, twist):
+    """stop_guard removes EOS from q where Contains("c") rejects the reply so far: Z_hat
+    stays unbiased, and no particle ends at EOS with phi = 0 (only cuts at T can)."""
+    model, tok, targets = setup
+    runs = 200
+    pot = Contains("c", prefix_bonus=1.0) if twist == "prefix" else Contains("c")
+    kw = dict(potential=pot, twist=twist, num_particles=8, max_new_tokens=T, seed=5)
+    prompts = [p for p in PROMPTS for _ in range(runs)]
+    out = llmsample.smc_generate(model, tok, prompts, stop_guard=True, **kw)
+    assert_unbiased(out, targets["contains"], runs)
+    ended = [continuations(out, b) for b in range(len(prompts))]
+    eos_rejected = [
+        s
+        for rows, lw in zip(ended, out.log_weights)
+        for s, w in zip(rows, lw.tolist())
+        if s[-1] == EOS and w == -math.inf
+    ]
+    assert not eos_rejected
+    plain = llmsample.smc_generate(model, tok, prompts, **kw)
+    dead = lambda o: (~torch.isfinite(o.log_weights)).float().mean().item()  # noqa: E731
+    assert dead(out) < dead(plain)  # the guard's point: fewer particles die at EOS

@@ -10,8 +10,9 @@ import torch
 
 from llmsample.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import GFNConfig, GFNTrainer, ReplayBuffer, add_lora, sample_rollouts
-from llmsample.lm import encode_prompts, teacher_force
+from llmsample.lm import teacher_force
 from llmsample.potentials import Constraint, Reward
+from llmsample.prompts import encode_prompts
 
 T = 3
 PROMPT = "a b"

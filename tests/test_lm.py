@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from llmsample.lm import LMSession, encode_prompts, score_continuations
+from llmsample.lm import LMSession, score_continuations
+from llmsample.prompts import encode_prompts
 
 ATOL = 1e-5
 
@@ -69,3 +70,19 @@ def test_encode_prompts_left_pads_right_padded_input_ids():
     batch = encode_prompts(input_ids=ids, attention_mask=mask, pad_token_id=8)
     assert batch.input_ids.tolist() == [[3, 4, 5], [8, 8, 6]]
     assert batch.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cache_keyword_seen_through_peft_and_base_view(arch):
+    """The KV cache goes under the keyword the model's forward names (``cache`` on
+    transformers 5.24+), also through peft and gfn.BaseView, which forward **kwargs."""
+    import inspect
+
+    from llmsample.gfn import BaseView, GFNConfig, add_lora
+    from llmsample.lm import cache_kwarg
+
+    model = make_model(arch)
+    own = "cache" if "cache" in inspect.signature(type(model).forward).parameters else None
+    expected = own or "past_key_values"
+    policy = add_lora(make_model(arch), GFNConfig())
+    assert cache_kwarg(model) == cache_kwarg(policy) == cache_kwarg(BaseView(policy)) == expected

@@ -16,7 +16,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
 from llmsample import Particles
-from llmsample.lm import encode_prompts
 from llmsample.potentials import (
     Classifier,
     Constraint,
@@ -29,6 +28,7 @@ from llmsample.potentials import (
     Tempered,
     TokenMask,
 )
+from llmsample.prompts import encode_prompts
 
 NINF = -math.inf
 TOK = make_tokenizer()

@@ -23,8 +23,8 @@ from llmsample.checkpoints import list_checkpoints
 from llmsample.ctl import ctl_loss
 from llmsample.ctl_trainer import CTLConfig, CTLTrainer
 from llmsample.exact import enumerate_target
-from llmsample.lm import encode_prompts
 from llmsample.potentials import Contains, Reward
+from llmsample.prompts import encode_prompts
 from llmsample.twist_head import LearnedTwist, TwistHead
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from llmsample.gfn.rollout import Rollouts, sample_rollouts
-from llmsample.lm import PromptBatch, encode_prompts, teacher_force, vocab_size
+from llmsample.lm import teacher_force, vocab_size
 from llmsample.particles import Particles
 from llmsample.potentials import Potential
+from llmsample.prompts import PromptBatch, encode_prompts
 
 __all__ = ["BaseView", "RewardTerms", "log_rewards", "policy_diagnostics"]
 
@@ -38,6 +39,11 @@ class BaseView(torch.nn.Module):
             raise TypeError("BaseView needs a peft model (one with disable_adapter())")
         self.policy = policy
         self.config = policy.config
+
+    @property
+    def wrapped_model(self):
+        """The peft model this view calls (``lm.cache_kwarg`` reads its signature)."""
+        return self.policy
 
     def forward(self, *args, **kwargs):
         with self.policy.disable_adapter():

@@ -48,8 +48,9 @@ from llmsample.gfn.rollout import (
     rollouts_from_sequences,
     sample_rollouts,
 )
-from llmsample.lm import PromptBatch, encode_prompts, teacher_force
+from llmsample.lm import teacher_force
 from llmsample.potentials import PerPrompt, Potential
+from llmsample.prompts import PromptBatch, encode_prompts
 
 __all__ = ["GFNTrainer", "LogZ", "add_lora"]
 
