@@ -135,7 +135,32 @@ def summarize(rows: list[dict]) -> dict:
                 )
             )
         table.append(_aggregate(method, knob, list(seed_rows.values())))
-    return dict(rows=table, per_seed=per_seed)
+    out = dict(rows=table, per_seed=per_seed)
+    if rows and "coverage" in rows[0]:
+        out["references"] = _reference_row(rows)
+    return out
+
+
+def _reference_row(rows: list[dict]) -> dict:
+    """Coverage and diversity of the human references themselves (commongen): the first k
+    references of each concept set, k = draws per prompt, as if they were k draws. What
+    diversity texts that use the same concepts can have."""
+    prompts = {r["prompt_id"]: r for r in rows if r["seed"] == rows[0]["seed"]}
+    k = len(rows[0]["samples"])
+    groups = [prompts[i]["references"][:k] for i in sorted(prompts)]
+    from llmsample.concepts import covers_all
+
+    words = [prompts[i]["words"] for i in sorted(prompts)]
+    covered = [covers_all(t, w) for g, w in zip(groups, words) for t in g]
+    div = diversity_report(groups, _embedder())
+    return dict(
+        sets=len(groups),
+        references_per_set=statistics.fmean(map(len, groups)),
+        coverage_all=statistics.fmean(covered),
+        self_bleu=div["self_bleu"],
+        distinct_2=div["distinct_2"],
+        embedding_diversity=div.get("embedding_diversity"),
+    )
 
 
 def _aggregate(method: str, knob: str, seed_rows: list[dict]) -> dict:
@@ -273,6 +298,16 @@ def markdown(summary: dict, meta: dict) -> str:
     lines = [title, ""]
     lines += [f"Command: `{c}`  " for c in commands]
     lines += [intro, "", *_table(rows, columns)]
+    ref = summary.get("references")
+    if ref:
+        lines += [
+            "",
+            f"Human references, for scale (the first {ref['references_per_set']:.1f} "
+            f"references of each of the {ref['sets']} sets, as if they were its draws): "
+            f"coverage {100 * ref['coverage_all']:.1f}%, self-BLEU {_fmt(ref['self_bleu'], 1)}, "
+            f"distinct-2 {_fmt(ref['distinct_2'])}, emb. div. "
+            f"{_fmt(ref['embedding_diversity'])}.",
+        ]
     lines += ["", f"BLEU signature: `{rows[0]['bleu_signature']}`", ""]
     return "\n".join(lines)
 

@@ -5,10 +5,13 @@ objective of :mod:`llmsample.ctl` (the loss and its math live there).
 
 Each step alternates sampling (positives from ``smc_generate`` with the current twist,
 negatives from q_psi or p) and an AdamW step on the head; the base model stays frozen.
-Checkpoints (head, optimizer, schedule, step, RNG; ``llmsample.checkpoints``) go to
-``out_dir/checkpoints`` every ``save_every`` steps, at ``max_minutes`` and on
-SIGINT/SIGTERM (then the run stops); a rerun resumes from the newest. The head
-is exported to ``out_dir/twist_head.pt`` (``TwistHead.load``).
+Checkpoints (head, optimizer, schedule, step, RNG, the config; ``llmsample.checkpoints``)
+go to ``out_dir/checkpoints`` every ``save_every`` steps, at ``max_minutes`` and on
+SIGINT/SIGTERM (then the run stops); a rerun resumes from the newest if its config
+differs only in ``CTLConfig.RESUMABLE_FIELDS`` (else it is refused; ``overwrite=True``
+starts fresh), with ``metrics.jsonl`` cut back to the checkpoint. The head is exported
+to ``out_dir/twist_head.pt`` (``TwistHead.load``). ``train()`` returns the last
+evaluation with its ``eval_step``, the ``step`` reached, ``finished`` and ``stopped_by``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llmsample.checkpoints import StopFlag, list_checkpoints, load_checkpoint, save_checkpoint
+from llmsample.checkpoints import (
+    ResumeConflict,
+    StopFlag,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
 from llmsample.ctl import base_states, ctl_loss, lengths_of
 from llmsample.particles import Particles
 from llmsample.potentials import PerPrompt, Potential
@@ -97,6 +106,24 @@ class CTLConfig:
     eval_every: int = _help("run the evaluation callback every this many steps (0 = end)", 0)
     max_minutes: float = _help("stop (with a checkpoint) after this wall time (0 = no limit)", 0.0)
     progress: bool = _help("show a progress bar", True)
+    overwrite: bool = _help(
+        "start fresh: delete out_dir's checkpoints and metrics.jsonl instead of resuming", False
+    )
+
+    # Fields that may differ from the checkpoint's when a run resumes (budgets, intervals,
+    # display); any other change is refused (llmsample.checkpoints.check_resume). A new
+    # ``steps`` also stretches the cosine learning-rate schedule over the new length.
+    RESUMABLE_FIELDS = (
+        "steps",
+        "max_minutes",
+        "log_every",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "progress",
+        "out_dir",
+        "overwrite",
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "num_particles", "num_negatives"):
@@ -140,7 +167,9 @@ class CTLTrainer:
     docstring. ``potential`` is one Potential or one per prompt; ``evaluate(head, step)``
     returns a dict of metrics logged to ``metrics.jsonl``. ``conditions`` [len(prompts), C]
     feeds a conditional head (``cond_size=C``); ``references`` (one complete continuation
-    per prompt, an exact draw from its sigma) are the positives of ``positives='given'``."""
+    per prompt, an exact draw from its sigma) are the positives of ``positives='given'``.
+    ``run_config`` is the config recorded with each checkpoint and compared on resume
+    (default ``cfg``; a recipe passes its whole config)."""
 
     def __init__(
         self,
@@ -155,6 +184,7 @@ class CTLTrainer:
         evaluate: Callable[[TwistHead, int], dict] | None = None,
         conditions: Tensor | None = None,
         references: Sequence[Sequence[int]] | None = None,
+        run_config=None,
     ):
         from accelerate import Accelerator
 
@@ -188,7 +218,9 @@ class CTLTrainer:
             raise ValueError("the tokenizer has no EOS token; pass eos_token_ids=")
         self.cfg, self.tokenizer, self.prompts, self.potential = cfg, tokenizer, prompts, potential
         self.evaluate = evaluate
+        self.run_config = cfg if run_config is None else run_config
         self.out = Path(cfg.out_dir)
+        self.log_path = self.out / "metrics.jsonl"
         self.acc = Accelerator()  # DDP over processes under `accelerate launch`
         for p in model.parameters():
             p.requires_grad_(False)
@@ -480,20 +512,38 @@ class CTLTrainer:
         folder = self.out / "checkpoints"
         extra = {"gen": self.gen.get_state()}
         return save_checkpoint(
-            self.acc, folder, self.step, state, extra, self.cfg.keep_checkpoints, "ctl.pt"
+            self.acc,
+            folder,
+            self.step,
+            state,
+            extra,
+            self.cfg.keep_checkpoints,
+            "ctl.pt",
+            config=self.run_config,
+            logs=[self.log_path],
         )
 
     def resume(self) -> bool:
-        found = list_checkpoints(self.out / "checkpoints")
-        if not found:
+        """Load the newest checkpoint if there is one (``overwrite``: delete them first);
+        raises :class:`~llmsample.checkpoints.ResumeConflict` if the config changed in a
+        field that may not change, or if the checkpoint holds another kind of head."""
+        found = resume_point(
+            self.out,
+            self.run_config,
+            logs=[self.log_path],
+            acc=self.acc,
+            overwrite=self.cfg.overwrite,
+            name="ctl",
+        )
+        if found is None:
             return False
-        state = json.loads((found[-1] / "trainer_state.json").read_text())
+        state = json.loads((found / "trainer_state.json").read_text())
         if state["head_config"] != self.unwrapped.config:
-            raise ValueError(
-                f"checkpoint {found[-1]} holds a head {state['head_config']}, not "
-                f"{self.unwrapped.config}; use another out_dir"
+            raise ResumeConflict(
+                f"checkpoint {found} holds a head {state['head_config']}, not "
+                f"{self.unwrapped.config}; use a new out_dir, or pass --overwrite to start fresh"
             )
-        state, extra = load_checkpoint(self.acc, found[-1], "ctl.pt")
+        state, extra = load_checkpoint(self.acc, found, "ctl.pt")
         self.gen.set_state(extra["gen"])
         self.step, self.elapsed = state["step"], state["elapsed"]
         return True
@@ -510,7 +560,7 @@ class CTLTrainer:
     def _log(self, record: dict) -> None:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 
     def _eval(self) -> dict:
@@ -518,10 +568,11 @@ class CTLTrainer:
             return {}
         result = self.evaluate(self.unwrapped, self.step)
         self._log(dict(event="eval", step=self.step, **result))
-        return result
+        return dict(result, eval_step=self.step)
 
     def train(self) -> dict:
-        """Run to ``cfg.steps`` (resuming if a checkpoint exists); returns the last eval."""
+        """Run to ``cfg.steps`` (resuming if a checkpoint exists); returns the last eval
+        (with its ``eval_step``), ``step``, ``finished`` and ``stopped_by``."""
         cfg = self.cfg
         resumed = self.resume()
         self._log(dict(event="resume" if resumed else "start", step=self.step))
@@ -533,7 +584,7 @@ class CTLTrainer:
             disable=not cfg.progress or not self.acc.is_main_process,
         )
         start = time.monotonic() - self.elapsed
-        stopped = False
+        stopped_by = None
         with StopFlag() as flag:
             while self.step < cfg.steps:
                 t0 = time.monotonic()
@@ -559,15 +610,18 @@ class CTLTrainer:
                 if (cfg.save_every and self.step % cfg.save_every == 0) or flag.hit or timed_out:
                     self.save()
                 if flag.hit or timed_out:
-                    stopped = True
+                    stopped_by = flag.name or "max_minutes"
                     break
         bar.close()
-        if not stopped:
+        if stopped_by is None:
             self.save()
             last = self._eval()
             self.export()
-        self._log(dict(event="stop" if stopped else "done", step=self.step, elapsed_s=self.elapsed))
-        return dict(last, step=self.step, finished=not stopped)
+            self._log(dict(event="done", step=self.step, elapsed_s=self.elapsed))
+        else:
+            self._log(dict(event="stop", step=self.step, elapsed_s=self.elapsed, reason=stopped_by))
+        last.setdefault("eval_step", None)
+        return dict(last, step=self.step, finished=stopped_by is None, stopped_by=stopped_by)
 
 
 def train_ctl(
@@ -582,8 +636,10 @@ def train_ctl(
     evaluate: Callable[[TwistHead, int], dict] | None = None,
     conditions: Tensor | None = None,
     references: Sequence[Sequence[int]] | None = None,
+    run_config=None,
 ) -> dict:
-    """Train ``head`` in place by CTL (resuming from ``cfg.out_dir``); the last evaluation."""
+    """Train ``head`` in place by CTL (resuming from ``cfg.out_dir``); returns what
+    :meth:`CTLTrainer.train` does."""
     trainer = CTLTrainer(
         model,
         tokenizer,
@@ -595,5 +651,6 @@ def train_ctl(
         evaluate=evaluate,
         conditions=conditions,
         references=references,
+        run_config=run_config,
     )
     return trainer.train()

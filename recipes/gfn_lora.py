@@ -6,9 +6,12 @@
 Tasks (``recipes/gfn_tasks.py``): exact, uniform-number, line-infill, keywords. Every
 field of :class:`GFNRecipeConfig` (the trainer's :class:`llmsample.gfn.GFNConfig` plus
 the task fields) is a flag and a YAML key. The run evaluates the base model (step 0),
-trains with checkpoints (rerun the same command to resume after a kill), evaluates
+trains with checkpoints (rerun the same command to resume after a kill; only the fields
+in ``RESUMABLE_FIELDS`` may change then, ``--overwrite`` starts afresh), evaluates
 again, exports the adapter to ``<out_dir>/adapter`` (load it with
-``llmsample.load_model(model, adapter=...)``) and writes ``<out_dir>/summary.json``.
+``llmsample.load_model(model, adapter=...)``) and writes ``<out_dir>/summary.json``
+(each figure with the step it was measured at). SIGINT / SIGTERM stop it after a
+checkpoint with exit status 130 / 143; a config error exits with status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gfn_tasks import TASKS, build_task  # noqa: E402
 
-from llmsample.config import parse_config  # noqa: E402
+from llmsample.checkpoints import check_resume, signal_stop  # noqa: E402
+from llmsample.config import run_recipe  # noqa: E402
 from llmsample.gfn import GFNConfig, GFNTrainer, add_lora  # noqa: E402
 
 
@@ -50,6 +55,8 @@ class GFNRecipeConfig(GFNConfig):
     miss_penalty: float = _help("keywords: log phi = -miss_penalty * (missing words)", 4.0)
     invalid_log_reward: float = _help("uniform-number: log R of an invalid sequence", -10.0)
 
+    RESUMABLE_FIELDS = (*GFNConfig.RESUMABLE_FIELDS, "num_threads")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.task not in TASKS:
@@ -61,6 +68,14 @@ class GFNRecipeConfig(GFNConfig):
 
 
 def main(cfg: GFNRecipeConfig) -> dict:
+    """Train and evaluate; returns the summary (also written to ``<out_dir>/summary.json``).
+    Raises :class:`llmsample.checkpoints.ResumeConflict` before any work if ``out_dir``
+    holds a checkpoint of a run with other settings."""
+    out = Path(cfg.out_dir)
+    check_resume(out, cfg)  # refuse early: the task may take a while to build
+    if cfg.overwrite:  # the trainer deletes the checkpoints and metrics.jsonl
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        (out / "summary.json").unlink(missing_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     start = time.time()
@@ -81,13 +96,17 @@ def main(cfg: GFNRecipeConfig) -> dict:
         train_cfg,
         stop_ids=task.stop_ids,
         evaluate=task.evaluate,
+        run_config=cfg,
     )
     result = trainer.train()
     summary = dict(
         task=cfg.task,
         command=" ".join(sys.argv),
         config=dataclasses.asdict(cfg),
+        # final: the step reached, finished, stopped_by and the last evaluation's
+        # metrics, measured at final["eval_step"] (not necessarily final["step"])
         final=result,
+        stopped_by_signal=signal_stop(result["stopped_by"], result["step"]),
         wall_s=round(time.time() - start, 1),
         machine=dict(
             cpu=platform.processor() or platform.machine(),
@@ -96,15 +115,17 @@ def main(cfg: GFNRecipeConfig) -> dict:
             device=cfg.device,
         ),
     )
-    log = Path(cfg.out_dir) / "metrics.jsonl"
-    evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
-    if evals:
+    log = out / "metrics.jsonl"
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    evals = [e for e in events if e.get("event") == "eval"]
+    if evals:  # each with its "step"
         summary["base"] = evals[0]
         summary["trained"] = evals[-1]
     if trainer.acc.is_main_process:
-        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_config(GFNRecipeConfig, description=__doc__))
+    sys.exit(run_recipe(GFNRecipeConfig, main, __doc__))

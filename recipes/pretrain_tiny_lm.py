@@ -17,12 +17,16 @@ Every config field is also a flag that overrides the file, e.g.
 Training stops at ``max_steps`` or after ``max_minutes`` of training wall time, whichever
 comes first; the learning rate warms up over ``warmup_steps`` and then follows a cosine to
 ``min_lr_ratio * lr`` over whichever budget runs out first. The run checkpoints into
-``<out_dir>/checkpoints/`` every ``save_every`` steps, at the end, and on SIGINT / SIGTERM,
-and resumes from the newest checkpoint when started again with the same ``out_dir``.
-Validation perplexity (per BPE token, over the held-out plays) is logged every
-``eval_every`` steps and at the end; ``<out_dir>/log.jsonl`` gets one JSON line per event and
-``<out_dir>/metrics.json`` the final numbers. When the run finishes (not when interrupted)
-the model is exported in fp16 with its tokenizer to ``export_dir`` (``none`` to skip).
+``<out_dir>/checkpoints/`` every ``save_every`` steps, at the end, and on SIGINT / SIGTERM
+(then it exits with status 130 / 143 and says how to resume), and resumes from the newest
+checkpoint when started again with the same ``out_dir``: only the fields in
+``PretrainConfig.RESUMABLE_FIELDS`` may differ from the checkpoint's config then (any other
+change is refused, naming it; ``--overwrite`` starts afresh). Validation perplexity (per BPE
+token, over the held-out plays) is logged every ``eval_every`` steps and at the end;
+``<out_dir>/log.jsonl`` gets one JSON line per event (cut back to the checkpoint on resume,
+so no event is repeated) and ``<out_dir>/metrics.json`` the final numbers. When the run
+finishes (not when interrupted) the model is exported in fp16 with its tokenizer to
+``export_dir`` (``none`` to skip). A config error exits with status 2.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -54,6 +57,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from llmsample import checkpoints as ckpt
 from llmsample import config
 from llmsample.shakespeare import DEFAULT_HELDOUT, load_plays, split_plays
 
@@ -61,6 +65,8 @@ EOS_TOKEN = "<|endoftext|>"
 ARCHS = ("llama", "gpt2")
 CHECKPOINT_PREFIX = "step_"
 DONE_MARKER = "train_state.json"  # written last: a checkpoint without it is incomplete
+# files of a run besides checkpoints: deleted by --overwrite (LOG is cut back on resume)
+LOG, RUN_FILES = "log.jsonl", ("metrics.json", "tokenizer", "data_split.json")
 
 
 @dataclass
@@ -157,6 +163,31 @@ class PretrainConfig:
             "true = required, false = refuse to reuse an out_dir that has checkpoints."
         },
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Start fresh: delete out_dir's checkpoints, logs, metrics and tokenizer "
+            "instead of resuming."
+        },
+    )
+
+    # Fields that may differ from the checkpoint's config when a run resumes (budgets,
+    # intervals, where the export goes); any other change is refused. A new max_steps or
+    # max_minutes also stretches the cosine schedule over the new budget.
+    RESUMABLE_FIELDS = (
+        "max_steps",
+        "max_minutes",
+        "eval_every",
+        "eval_batch_size",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "num_threads",
+        "export_dir",
+        "resume",
+        "out_dir",
+        "overwrite",
+    )
 
     def __post_init__(self) -> None:
         self.heldout_plays = _as_list(self.heldout_plays)
@@ -201,6 +232,8 @@ class PretrainConfig:
         overlap = sorted(set(self.heldout_plays) & set(self.train_plays))
         if overlap:
             raise ValueError(f"plays {overlap} are both held out and in train_plays")
+        if self.overwrite and self.resume:
+            raise ValueError("resume=true and overwrite=true contradict each other")
 
 
 def _as_list(value) -> list[str]:
@@ -354,30 +387,33 @@ class TrainState:
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
-    folder = out_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    done = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / DONE_MARKER).is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
+    return ckpt.list_checkpoints(out_dir / "checkpoints", DONE_MARKER)
 
 
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, state: TrainState, keep: int) -> Path:
-    folder = out_dir / "checkpoints"
-    final = folder / f"{CHECKPOINT_PREFIX}{state.step:07d}"
-    tmp = folder / f"tmp_{CHECKPOINT_PREFIX}{state.step:07d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / DONE_MARKER).write_text(json.dumps(dataclasses.asdict(state), indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+def save_checkpoint(
+    accelerator: Accelerator, out_dir: Path, state: TrainState, cfg: PretrainConfig
+) -> Path:
+    """``llmsample.checkpoints.save_checkpoint``: accelerate state, ``cfg`` (checked on
+    resume), the size of ``log.jsonl`` (cut back to on resume) and ``state``."""
+    return ckpt.save_checkpoint(
+        accelerator,
+        out_dir / "checkpoints",
+        state.step,
+        dataclasses.asdict(state),
+        keep=cfg.keep_checkpoints,
+        config=cfg,
+        logs=[out_dir / LOG],
+        marker=DONE_MARKER,
+    )
+
+
+def checkpoint(accelerator, out_dir: Path, state: TrainState, cfg: PretrainConfig, log) -> None:
+    """Log the ``checkpoint`` event, then save: the event is part of the log the
+    checkpoint records (and cuts back to on resume), as in an uninterrupted run."""
+    path = out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.step:07d}"
+    log("checkpoint", step=state.step, path=str(path))
+    save_checkpoint(accelerator, out_dir, state, cfg)
 
 
 # --------------------------------------------------------------------------- eval and logging
@@ -470,36 +506,13 @@ class JsonlLog:
                 )
 
 
-class _StopFlag:
-    """Turns SIGINT / SIGTERM into a clean stop (checkpoint, then exit) at the next step."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> _StopFlag:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 # --------------------------------------------------------------------------- main
 
 
 def main(cfg: PretrainConfig) -> dict:
-    """Train (or resume), validate, checkpoint and export; returns the final metrics."""
+    """Train (or resume), validate, checkpoint and export; returns the final metrics.
+    Raises :class:`llmsample.checkpoints.ResumeConflict` if ``out_dir`` holds a checkpoint
+    of a run with other settings (or none where ``resume=true`` requires one)."""
     wall_start = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -508,14 +521,27 @@ def main(cfg: PretrainConfig) -> dict:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    log = JsonlLog(out_dir / "log.jsonl", accelerator.is_main_process)
+    log = JsonlLog(out_dir / LOG, accelerator.is_main_process)
 
-    checkpoints = list_checkpoints(out_dir)
+    checkpoints = [] if cfg.overwrite else list_checkpoints(out_dir)
     if cfg.resume is True and not checkpoints:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+        raise ckpt.ResumeConflict(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
     if cfg.resume is False and checkpoints:
-        raise FileExistsError(f"{out_dir} has checkpoints; pass a new out_dir or allow resume")
-    resume_from = checkpoints[-1] if checkpoints else None
+        raise ckpt.ResumeConflict(
+            f"{out_dir} has checkpoints and resume=false; use a new out_dir, pass --overwrite "
+            "to start fresh, or allow resuming"
+        )
+    # checks cfg against the checkpoint's config, cuts log.jsonl back to it (or deletes
+    # the run's files for --overwrite)
+    resume_from = ckpt.resume_point(
+        out_dir,
+        cfg,
+        logs=[out_dir / LOG],
+        fresh=[out_dir / name for name in RUN_FILES],
+        acc=accelerator,
+        marker=DONE_MARKER,
+        name="pretrain",
+    )
     resumed_from_step = None
 
     # The split is fixed by the config; a resumed run must keep the same one.
@@ -523,7 +549,10 @@ def main(cfg: PretrainConfig) -> dict:
     train_names, heldout_names = split["train_plays"], split["heldout_plays"]
     split_file = out_dir / "data_split.json"
     if split_file.is_file() and json.loads(split_file.read_text()) != split:
-        raise ValueError(f"{split_file} differs from this config's plays; use a new out_dir")
+        raise ckpt.ResumeConflict(
+            f"{split_file} differs from this config's plays; use a new out_dir, or pass "
+            "--overwrite to start fresh"
+        )
 
     tok_dir = out_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
@@ -583,8 +612,7 @@ def main(cfg: PretrainConfig) -> dict:
         print(
             f"[pretrain] {cfg.arch} {n_params / 1e6:.2f}M params | vocab {len(tokenizer)} | "
             f"train {len(train_ids):,} tokens ({len(train_names)} plays) | "
-            f"val {len(val_ids):,} tokens ({', '.join(heldout_names)})"
-            + (f" | resumed at step {state.step}" if resume_from else ""),
+            f"val {len(val_ids):,} tokens ({', '.join(heldout_names)})",
             file=sys.stderr,
         )
 
@@ -609,7 +637,8 @@ def main(cfg: PretrainConfig) -> dict:
         disable=not accelerator.is_main_process,
     )
     model.train()
-    with _StopFlag() as stop:
+    signame = None  # the signal that stopped the run (here or in another process)
+    with ckpt.StopFlag() as stop:
         while True:
             state.train_seconds = elapsed_before + (time.time() - loop_start)
             if state.step >= cfg.max_steps:
@@ -617,16 +646,18 @@ def main(cfg: PretrainConfig) -> dict:
             elif budget_s and state.train_seconds >= budget_s:
                 stop_reason = "max_minutes"
             elif stop.signal is not None:
-                stop_reason = f"signal {signal.Signals(stop.signal).name}"
+                signame = stop.name
+                stop_reason = f"signal {signame}"
             if world > 1:  # clocks and signals differ between processes: agree on the stop
-                interrupt = stop_reason is not None and stop_reason.startswith("signal")
+                signum = stop.signal if signame else 0
                 votes = torch.tensor(
-                    [float(stop_reason is not None and not interrupt), float(interrupt)],
+                    [[float(stop_reason is not None and not signum), float(signum)]],
                     device=accelerator.device,
                 )
-                finish, interrupt = accelerator.reduce(votes, reduction="sum").tolist()
-                if interrupt and not (stop_reason or "").startswith("signal"):
-                    stop_reason = "signal (in another process)"
+                finish, signum = accelerator.gather(votes).max(dim=0).values.tolist()
+                if signum and not signame:
+                    signame = signal.Signals(int(signum)).name
+                    stop_reason = f"signal {signame} (in another process)"
                 elif finish and not stop_reason:
                     stop_reason = "max_minutes (in another process)"
             if stop_reason:
@@ -696,17 +727,15 @@ def main(cfg: PretrainConfig) -> dict:
                 bar.write(f"[pretrain] step {state.step}: val ppl {math.exp(val_loss):.2f}")
             if state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
                 state.train_seconds = elapsed_before + (time.time() - loop_start)
-                path = save_checkpoint(accelerator, out_dir, state, cfg.keep_checkpoints)
-                log("checkpoint", step=state.step, path=str(path))
+                checkpoint(accelerator, out_dir, state, cfg, log)
         bar.close()
 
         # Final checkpoint (unless the newest one already is this step), eval, metrics.
         state.train_seconds = elapsed_before + (time.time() - loop_start)
         newest = list_checkpoints(out_dir)
         if not newest or newest[-1].name != f"{CHECKPOINT_PREFIX}{state.step:07d}":
-            path = save_checkpoint(accelerator, out_dir, state, cfg.keep_checkpoints)
-            log("checkpoint", step=state.step, path=str(path))
-    interrupted = stop_reason.startswith("signal")
+            checkpoint(accelerator, out_dir, state, cfg, log)
+    interrupted = signame is not None
     metrics = {
         "final_val_ppl": None,
         "final_val_loss": None,
@@ -720,6 +749,9 @@ def main(cfg: PretrainConfig) -> dict:
         / max(state.train_seconds - elapsed_before, 1e-9),
         "wall_seconds_this_invocation": None,
         "stop_reason": stop_reason,
+        # {"signal", "step", "exit_status"} when SIGINT / SIGTERM stopped the run, else null
+        "stopped_by_signal": ckpt.signal_stop(signame, state.step),
+        "val_step": None,  # the step final_val_* and export_val_ppl were measured at
         "resumed_from_step": resumed_from_step,
         "n_params": n_params,
         "train_tokens": len(train_ids),
@@ -731,6 +763,7 @@ def main(cfg: PretrainConfig) -> dict:
     if not interrupted:  # final validation in full fp32, whatever the training precision
         val_loss, n_tok = evaluate(base, accelerator, val_ids, cfg, mixed_precision=False)
         metrics.update(final_val_loss=val_loss, final_val_ppl=math.exp(val_loss), val_tokens=n_tok)
+        metrics["val_step"] = state.step
         log(
             "eval",
             step=state.step,
@@ -752,6 +785,7 @@ def main(cfg: PretrainConfig) -> dict:
     metrics["wall_seconds_this_invocation"] = time.time() - wall_start
     if accelerator.is_main_process:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if accelerator.is_main_process and not interrupted:  # run_recipe reports signal stops
         ppl = metrics["final_val_ppl"]
         print(
             f"[pretrain] {stop_reason}: step {state.step}, {state.tokens_seen:,} tokens, "
@@ -778,4 +812,4 @@ def export(model, tokenizer, export_dir: Path, metrics: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    sys.exit(config.run_recipe(PretrainConfig, main, __doc__.split("\n\n")[0]))

@@ -34,7 +34,11 @@ every prefix:
   runs are compared with the exact twist's at the same N, and the TV of the
   seed-averaged distribution separates noise (it shrinks) from bias (it would not).
 
-Everything goes to ``<out_dir>/summary.json``.
+Everything goes to ``<out_dir>/summary.json``, each figure with the step it was
+measured at. A rerun of the same command resumes from the newest checkpoint (only the
+fields in ``RESUMABLE_FIELDS`` may change; ``--overwrite`` starts afresh); SIGINT /
+SIGTERM stop it after a checkpoint (the post-training checks are then skipped) with
+exit status 130 / 143; a config error exits with status 2.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ from pathlib import Path
 
 import torch
 
-from llmsample.config import parse_config
+from llmsample.checkpoints import check_resume, signal_stop
+from llmsample.config import run_recipe
 from llmsample.ctl_trainer import CTLConfig, train_ctl
 from llmsample.exact import TOY_EOS, ExactTarget, enumerate_target, toy_model, toy_tokenizer
 from llmsample.generate import smc_generate
@@ -84,6 +89,9 @@ class TwistCTLRecipeConfig(CTLConfig):
     num_problems: int = _help("line-infill: synthetic training problems", 2000)
     suffix_tokens: int = _help("line-infill: tokens of each sampled suffix", 12)
     eval_problems: int = _help("line-infill: held-out synthetic problems of the evaluation", 64)
+
+    # tv_*: the post-training TV checks only (never seen during training)
+    RESUMABLE_FIELDS = (*CTLConfig.RESUMABLE_FIELDS, "num_threads", "tv_particles", "tv_seeds")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -293,6 +301,14 @@ def _machine() -> dict:
 
 
 def main(cfg: TwistCTLRecipeConfig) -> dict:
+    """Train and evaluate; returns the summary (also written to ``<out_dir>/summary.json``).
+    Raises :class:`llmsample.checkpoints.ResumeConflict` before any work if ``out_dir``
+    holds a checkpoint of a run with other settings."""
+    out = Path(cfg.out_dir)
+    check_resume(out, cfg)  # refuse early, before the targets or problems are built
+    if cfg.overwrite:  # the trainer deletes the checkpoints and metrics.jsonl
+        for name in ("summary.json", "twist_head.pt", "problems.json"):
+            (out / name).unlink(missing_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     start = time.time()
@@ -305,7 +321,8 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         summary = dict(task=cfg.task, command=" ".join(sys.argv), config=dataclasses.asdict(cfg))
         summary |= run_infill(cfg, fields)
         summary |= dict(wall_s=round(time.time() - start, 1), machine=_machine())
-        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     model, tok, prompts, potential, T = exact_task()
     targets = [enumerate_target(model, tok, p, potential, T, TOY_EOS) for p in prompts]
@@ -332,8 +349,32 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         return res
 
     t0 = time.time()
-    result = train_ctl(model, tok, prompts, potential, head, train_cfg, evaluate=evaluate)
+    result = train_ctl(
+        model, tok, prompts, potential, head, train_cfg, evaluate=evaluate, run_config=cfg
+    )
     timings = dict(train_s=round(time.time() - t0, 1))
+    summary = dict(
+        task=cfg.task,
+        command=" ".join(sys.argv),
+        config=dataclasses.asdict(cfg),
+        num_sequences=len(targets[0].sequences),
+        exact_log_z=[t.log_z for t in targets],
+        # final: the step reached, finished, stopped_by and the last evaluation's
+        # metrics, measured at final["eval_step"] (not necessarily final["step"])
+        final=result,
+        stopped_by_signal=signal_stop(result["stopped_by"], result["step"]),
+    )
+    log = out / "metrics.jsonl"
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    evals = [e for e in events if e.get("event") == "eval"]
+    if evals:  # each with its "step"
+        summary["base"] = {k: v for k, v in evals[0].items() if "/" not in k}
+        summary["trained"] = {k: v for k, v in evals[-1].items() if "/" not in k}
+    if result["stopped_by"] in ("SIGINT", "SIGTERM"):  # asked to stop: skip the checks
+        summary |= dict(wall_s=round(time.time() - start, 1), timings=timings, machine=_machine())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     t0 = time.time()
     head.eval()
     learned = LearnedTwist(model, head, potential)
@@ -366,13 +407,8 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         # after resampling the floor(ESS) floor is too tight (it fails the exact twist too):
         # compare with the exact twist, a correct sampler of the same kind at the same N
         tv["learned_vs_exact_twist_mean_tv"] = tv["learned"]["mean_tv"] / tv["exact"]["mean_tv"]
-    summary = dict(
-        task=cfg.task,
-        command=" ".join(sys.argv),
-        config=dataclasses.asdict(cfg),
-        num_sequences=len(targets[0].sequences),
-        exact_log_z=[t.log_z for t in targets],
-        final=result,
+    summary |= dict(
+        checks_step=result["step"],  # the head of log_z_spread and tv
         log_z_spread=spread,
         var_ratio_learned_vs_none=spread["learned"]["mean_var_log_z"]
         / spread["none"]["mean_var_log_z"],
@@ -381,15 +417,10 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         timings=timings | dict(tv_s=round(time.time() - t0, 1)),
         machine=_machine(),
     )
-    log = Path(cfg.out_dir) / "metrics.jsonl"
-    evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
-    if evals:
-        summary["base"] = {k: v for k, v in evals[0].items() if "/" not in k}
-        summary["trained"] = {k: v for k, v in evals[-1].items() if "/" not in k}
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_config(TwistCTLRecipeConfig, description=__doc__))
+    sys.exit(run_recipe(TwistCTLRecipeConfig, main, __doc__))

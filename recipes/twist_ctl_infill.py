@@ -29,6 +29,7 @@ import torch
 
 import llmsample
 from llmsample.bounds import joint_infill_samples
+from llmsample.checkpoints import signal_stop
 from llmsample.generate import smc_generate
 from llmsample.lm import vocab_size
 from llmsample.potentials import SuffixLikelihood
@@ -63,7 +64,8 @@ def infill_problems(
             raise ValueError(
                 f"{cache} holds problems made with other settings "
                 f"({ {k: saved.get(k) for k in settings} }, not {settings}); a run resumed "
-                "on other problems would mix them: use another out_dir"
+                "on other problems would mix them: use another out_dir, or pass --overwrite to "
+                "start fresh"
             )
         return saved
     prompts, T = _prompts(num, seed, heldout)
@@ -148,11 +150,19 @@ def run_infill(cfg, train_cfg_fields: dict) -> dict:
         evaluate=evaluate,
         conditions=cond,
         references=train["references"],
+        run_config=cfg,
     )
     log = out / "metrics.jsonl"
-    evals = [json.loads(line) for line in log.read_text().splitlines() if '"eval"' in line]
-    summary = dict(final=result, num_problems=len(train["prompts"]), T=T)
-    if evals:
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    evals = [e for e in events if e.get("event") == "eval"]
+    summary = dict(
+        # final: the last evaluation's metrics, measured at final["eval_step"]
+        final=result,
+        stopped_by_signal=signal_stop(result["stopped_by"], result["step"]),
+        num_problems=len(train["prompts"]),
+        T=T,
+    )
+    if evals:  # each with its "step"
         summary["base"], summary["trained"] = evals[0], evals[-1]
         summary["lower_bound_gain"] = evals[-1]["lower_bound"] - evals[0]["lower_bound"]
     return summary

@@ -73,6 +73,25 @@ class GFNConfig:
     report_to: str = _help("accelerate trackers: none | all | tensorboard | wandb | ...", "none")
     max_minutes: float = _help("stop (with a checkpoint) after this wall time (0 = no limit)", 0.0)
     progress: bool = _help("show a progress bar", True)
+    overwrite: bool = _help(
+        "start fresh: delete out_dir's checkpoints and metrics.jsonl instead of resuming", False
+    )
+
+    # Fields that may differ from the checkpoint's when a run resumes (budgets, intervals,
+    # display); any other change is refused (llmsample.checkpoints.check_resume). A new
+    # ``steps`` also stretches the epsilon schedule over the new length.
+    RESUMABLE_FIELDS = (
+        "steps",
+        "max_minutes",
+        "log_every",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "report_to",
+        "progress",
+        "out_dir",
+        "overwrite",
+    )
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

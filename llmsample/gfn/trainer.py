@@ -18,11 +18,16 @@ One optimizer step, per micro-batch (``gradient_accumulation_steps`` of them):
    gradients (memory: one forward + backward, not T steps of graph) and apply the loss
    (:mod:`llmsample.gfn.losses`). Fresh rows enter the replay buffer.
 
-Checkpoints (accelerate state + replay buffer + RNG + step) land in
+Checkpoints (accelerate state + replay buffer + RNG + step + the config) land in
 ``out_dir/checkpoints`` every ``save_every`` steps, on SIGINT/SIGTERM and at
-``max_minutes``; a rerun resumes from the newest one. The adapter and log Z are
-exported to ``out_dir/adapter``; metrics go to ``out_dir/metrics.jsonl`` and to any
-accelerate tracker. Works under ``accelerate launch`` (DDP) unchanged.
+``max_minutes``; a rerun resumes from the newest one if its config differs only in
+``GFNConfig.RESUMABLE_FIELDS`` (else it is refused; ``overwrite=True`` starts fresh), see
+:mod:`llmsample.checkpoints`. The adapter and log Z are exported to ``out_dir/adapter``;
+metrics go to ``out_dir/metrics.jsonl`` (cut back to the checkpoint on resume, so no
+event is repeated) and to any accelerate tracker. ``train()`` returns the last
+evaluation with the step it was measured at (``eval_step``), the step reached,
+``finished`` and ``stopped_by`` (None, ``"SIGINT"``, ``"SIGTERM"`` or
+``"max_minutes"``). Works under ``accelerate launch`` (DDP) unchanged.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmsample.checkpoints import StopFlag, list_checkpoints, load_checkpoint, save_checkpoint
+from llmsample.checkpoints import StopFlag, load_checkpoint, resume_point, save_checkpoint
 from llmsample.gfn.config import GFNConfig
 from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
 from llmsample.gfn.replay import ReplayBuffer
@@ -97,7 +102,10 @@ class GFNTrainer:
         *,
         stop_ids: list[int] | None = None,
         evaluate: Callable[[object, int], dict] | None = None,
+        run_config=None,
     ):
+        """``run_config``: the config recorded with each checkpoint and compared on resume
+        (default ``cfg``); a recipe passes its whole config (task fields included)."""
         from accelerate import Accelerator
 
         if not hasattr(policy, "disable_adapter"):
@@ -120,7 +128,9 @@ class GFNTrainer:
             )
         self.cfg, self.tokenizer, self.prompts, self.potential = cfg, tokenizer, prompts, potential
         self.evaluate = evaluate
+        self.run_config = cfg if run_config is None else run_config
         self.out = Path(cfg.out_dir)
+        self.log_path = self.out / "metrics.jsonl"
         self.acc = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -273,14 +283,32 @@ class GFNTrainer:
         state = dict(step=self.step, elapsed=self.elapsed)
         folder = self.out / "checkpoints"
         return save_checkpoint(
-            self.acc, folder, self.step, state, extra, self.cfg.keep_checkpoints, "gfn.pt"
+            self.acc,
+            folder,
+            self.step,
+            state,
+            extra,
+            self.cfg.keep_checkpoints,
+            "gfn.pt",
+            config=self.run_config,
+            logs=[self.log_path],
         )
 
     def resume(self) -> bool:
-        found = list_checkpoints(self.out / "checkpoints")
-        if not found:
+        """Load the newest checkpoint if there is one (``overwrite``: delete them first);
+        raises :class:`~llmsample.checkpoints.ResumeConflict` if the config changed in a
+        field that may not change. See :func:`llmsample.checkpoints.resume_point`."""
+        found = resume_point(
+            self.out,
+            self.run_config,
+            logs=[self.log_path],
+            acc=self.acc,
+            overwrite=self.cfg.overwrite,
+            name="gfn",
+        )
+        if found is None:
             return False
-        state, extra = load_checkpoint(self.acc, found[-1], "gfn.pt")
+        state, extra = load_checkpoint(self.acc, found, "gfn.pt")
         self.replay.load_state_dict(extra["replay"])
         self.gen.set_state(extra["gen"])
         self.sample_gen.set_state(extra["sample_gen"])
@@ -303,7 +331,7 @@ class GFNTrainer:
     def _log(self, record: dict) -> None:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         if self.cfg.report_to != "none":
             self.acc.log(
@@ -315,25 +343,25 @@ class GFNTrainer:
             return {}
         result = self.evaluate(self.acc.unwrap_model(self.policy), self.step)
         self._log(dict(event="eval", step=self.step, **result))
-        return result
+        return dict(result, eval_step=self.step)
 
     def train(self) -> dict:
-        """Run to ``cfg.steps`` (resuming if a checkpoint exists); returns the last eval."""
+        """Run to ``cfg.steps`` (resuming if a checkpoint exists); returns the last eval
+        (with its ``eval_step``), ``step``, ``finished`` and ``stopped_by``."""
         cfg = self.cfg
         resumed = self.resume()
         if self.cfg.report_to != "none":
             self.acc.init_trackers("gfn", config=dataclasses.asdict(cfg))
         self._log(dict(event="resume" if resumed else "start", step=self.step))
-        if not resumed:
-            self._eval()
+        last = {} if resumed else self._eval()
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
             desc="gfn",
             disable=not cfg.progress or not self.acc.is_main_process,
         )
-        start, last = time.monotonic() - self.elapsed, {}
-        stopped = False
+        start = time.monotonic() - self.elapsed
+        stopped_by = None
         with StopFlag() as flag:
             while self.step < cfg.steps:
                 t0 = time.monotonic()
@@ -373,17 +401,20 @@ class GFNTrainer:
                 if (cfg.save_every and self.step % cfg.save_every == 0) or flag.hit or timed_out:
                     self.save()
                 if flag.hit or timed_out:
-                    stopped = True
+                    stopped_by = flag.name or "max_minutes"
                     break
         bar.close()
-        if not stopped:
+        if stopped_by is None:
             self.save()
             last = self._eval()
             self.export()
-        self._log(dict(event="stop" if stopped else "done", step=self.step, elapsed_s=self.elapsed))
+            self._log(dict(event="done", step=self.step, elapsed_s=self.elapsed))
+        else:
+            self._log(dict(event="stop", step=self.step, elapsed_s=self.elapsed, reason=stopped_by))
         if self.cfg.report_to != "none":
             self.acc.end_training()
-        return dict(last, step=self.step, finished=not stopped)
+        last.setdefault("eval_step", None)
+        return dict(last, step=self.step, finished=stopped_by is None, stopped_by=stopped_by)
 
     def _remember(self, chosen: list[int], ro: Rollouts, log_r: Tensor) -> None:
         """Add this batch's sequences to the replay buffer with their untempered log R."""
