@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import sys
 from contextlib import contextmanager
 
@@ -48,7 +49,67 @@ def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
         eos_token_id = tokenizer.eos_token_id
     if eos_token_id is None:
         return []  # continuations then end only at max_new_tokens
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    scalar = _is_id(eos_token_id) or not hasattr(eos_token_id, "__iter__")
+    ids = [eos_token_id] if scalar or isinstance(eos_token_id, str) else list(eos_token_id)
+    V = vocab_size(model)
+    for e in ids:
+        if not _is_id(e) or not 0 <= operator.index(e) < V:
+            raise ValueError(
+                f"eos_token_id {e!r} is not a token id of this model (ids are 0..{V - 1}); "
+                "pass the tokenizer's EOS id, a list of ids, or None for the model's own"
+            )
+    return [operator.index(e) for e in ids]
+
+
+def _is_id(value) -> bool:
+    """An integer (a Python, numpy or one-element torch integer), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_counts(**counts) -> None:
+    """Reject bools for integer counts (``True`` is an int to Python, not a count)."""
+    for name, value in counts.items():
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r} (a bool)")
+
+
+def _check_text(prompts) -> None:
+    """Text prompts must be strings a tokenizer can encode (valid Unicode: no lone
+    surrogates, which is what undecodable command-line bytes turn into)."""
+    for b, text in enumerate([prompts] if isinstance(prompts, str) else prompts):
+        if not isinstance(text, str):
+            raise TypeError(f"prompt {b} is a {type(text).__name__}, not a str")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"prompt {b} is not valid text: {text[err.start : err.end]!r} at position "
+                f"{err.start} is not a Unicode character (bytes that are not UTF-8?); pass "
+                "UTF-8 text"
+            ) from None
+
+
+def _check_ids(batch, model) -> None:
+    """Every prompt token (and the pad id, which the model also embeds) must be < V."""
+    V = vocab_size(model)
+    ids = batch.input_ids[batch.attention_mask.bool()]
+    bad = ids[(ids < 0) | (ids >= V)]
+    if len(bad):
+        raise ValueError(
+            f"prompt token id {int(bad[0])} is outside the model's vocabulary (ids 0..{V - 1}); "
+            "check that `input_ids` (or the tokenizer) belong to this model"
+        )
+    if not 0 <= batch.pad_token_id < V:
+        raise ValueError(
+            f"pad_token_id {batch.pad_token_id} is outside the model's vocabulary "
+            f"(ids 0..{V - 1}); pass a valid `pad_token_id`"
+        )
 
 
 def _prompts(tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages):
@@ -56,6 +117,9 @@ def _prompts(tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, c
         pad_token_id = tokenizer.pad_token_id
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
+    if prompts is not None:
+        prompts = prompts if isinstance(prompts, str) else list(prompts)
+        _check_text(prompts)
     return encode_prompts(
         tokenizer,
         prompts,
@@ -219,10 +283,12 @@ def smc_generate(
     cfg = dataclasses.replace(
         config or SMCConfig(), **{k: v for k, v in knobs.items() if v is not None}
     )
+    _check_counts(num_particles=cfg.num_particles, max_new_tokens=cfg.max_new_tokens)
     eos = _eos_ids(model, tokenizer, eos_token_id)
     batch = _prompts(
         tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages
     )
+    _check_ids(batch, model)
     q, model_context = _resolve_proposal(proposal, model)
     return run_smc(
         model,
@@ -259,6 +325,7 @@ def ancestral_generate(
 ) -> SamplingOutput:
     """Plain ancestral sampling; weights are uniform. ``potential`` is only evaluated
     (``out.log_potential``), never used to weight."""
+    _check_counts(num_samples=num_samples)
     cfg = dataclasses.replace(kwargs.pop("config", None) or SMCConfig(), reweight=False)
     return smc_generate(
         model,
@@ -289,11 +356,13 @@ def beam_generate(
     pad_token_id: int | None = None,
 ) -> SamplingOutput:
     """Beam search via ``model.generate``: the N beams, uniformly weighted."""
+    _check_counts(num_beams=num_beams, max_new_tokens=max_new_tokens)
     SMCConfig(num_particles=num_beams, max_new_tokens=max_new_tokens)  # validates
     eos = _eos_ids(model, tokenizer, eos_token_id)
     batch = _prompts(
         tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages
     )
+    _check_ids(batch, model)
     device = next(model.parameters()).device
     B, P = batch.input_ids.shape
     with torch.inference_mode():

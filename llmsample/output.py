@@ -51,20 +51,30 @@ class SamplingOutput:
         """For each prompt, the steps at which it resampled."""
         return [torch.nonzero(r).flatten().tolist() for r in self.resampled]
 
+    def _check_alive(self, b: int, lw: Tensor) -> None:
+        if torch.isinf(lw).all():
+            raise ValueError(
+                f"prompt {b}: every particle has weight 0 (the potential rejected all); "
+                "nothing to sample. Use more particles or a twist."
+            )
+
     def sample(self, k: int, seed: int | None = None) -> list[list[str]]:
         """k posterior draws per prompt, drawn with replacement by weight."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"sample(k): k must be an integer >= 1 draws per prompt, got {k!r}")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         out = []
         for b, lw in enumerate(self.log_weights):
-            if torch.isinf(lw).all():
-                raise ValueError(
-                    f"prompt {b}: every particle has weight 0 (the potential rejected all); "
-                    "nothing to sample. Use more particles or a twist."
-                )
+            self._check_alive(b, lw)
             idx = torch.multinomial(lw.exp().float(), k, replacement=True, generator=gen)
             out.append([self.texts[b][i] for i in idx.tolist()])
         return out
 
     def best(self) -> list[str]:
-        """The highest-weight continuation of each prompt (best-of-N)."""
-        return [self.texts[b][int(lw.argmax())] for b, lw in enumerate(self.log_weights)]
+        """The highest-weight continuation of each prompt (best-of-N); a ValueError when
+        the potential rejected every particle of a prompt (no continuation qualifies)."""
+        out = []
+        for b, lw in enumerate(self.log_weights):
+            self._check_alive(b, lw)
+            out.append(self.texts[b][int(lw.argmax())])
+        return out

@@ -24,6 +24,8 @@ Combine with ``*`` (product) and ``**`` (tempering):
 
 from __future__ import annotations
 
+import math
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
@@ -153,8 +155,8 @@ class Contains(Constraint):
     def __init__(self, *words: str, case_sensitive: bool = False, prefix_bonus: float = 0.0):
         if not words or any(not w or not w.strip() for w in words):
             raise ValueError("Contains needs at least one non-empty word")
-        if not prefix_bonus >= 0:
-            raise ValueError(f"prefix_bonus must be >= 0, got {prefix_bonus}")
+        if not (prefix_bonus >= 0 and math.isfinite(prefix_bonus)):  # also rejects NaN
+            raise ValueError(f"prefix_bonus must be finite and >= 0, got {prefix_bonus}")
         flags = 0 if case_sensitive else regex.IGNORECASE
         self._pats = [regex.compile(rf"(?<!\w){regex.escape(w)}(?!\w)", flags) for w in words]
         self.words, self.prefix_bonus = words, float(prefix_bonus)
@@ -182,15 +184,20 @@ class TokenMask(Potential):
     def __init__(self, allowed: Sequence[int] | None = None, banned: Sequence[int] | None = None):
         if (allowed is None) == (banned is None):
             raise ValueError("TokenMask needs exactly one of `allowed=` or `banned=`")
-        self.allowed = None if allowed is None else torch.as_tensor(list(allowed), dtype=torch.long)
-        self.banned = None if banned is None else torch.as_tensor(list(banned), dtype=torch.long)
+        self.allowed = None if allowed is None else _token_ids(allowed, "allowed")
+        self.banned = None if banned is None else _token_ids(banned, "banned")
+        if self.allowed is not None and not len(self.allowed):
+            raise ValueError(
+                "TokenMask(allowed=[]) allows no token but EOS; give at least one token id"
+            )
 
     def _table(self, vocab: int, device) -> Tensor:
         """[V] bool lookup of allowed ids, built once per (vocab, device)."""
         key = (vocab, str(device))
         if getattr(self, "_key", None) != key:
             ids = self.allowed if self.allowed is not None else self.banned
-            table = torch.zeros(max(vocab, int(ids.max()) + 1), dtype=torch.bool)
+            top = int(ids.max()) + 1 if len(ids) else 0
+            table = torch.zeros(max(vocab, top), dtype=torch.bool)
             table[ids] = True
             self._cache = (table if self.allowed is not None else ~table).to(device)
             self._key = key
@@ -213,6 +220,20 @@ class TokenMask(Potential):
         return now[:, None] + torch.where(ok, 0.0, NEG_INF).to(torch.float64)[None, :]
 
 
+def _token_ids(ids, name: str) -> Tensor:
+    """A list of token ids as a long tensor: a TypeError for anything but integers (bools
+    included), a ValueError for ids below 0 (they would index from the vocabulary's end)."""
+    items = [ids] if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__") else ids
+    out = []
+    for i in items:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise TypeError(f"TokenMask `{name}=` must be a list of integer ids, got {i!r}")
+        out.append(operator.index(i))
+    if any(i < 0 for i in out):
+        raise ValueError(f"TokenMask `{name}=` holds the negative id {min(out)}; ids are >= 0")
+    return torch.tensor(out, dtype=torch.long)
+
+
 class SuffixLikelihood(Potential):
     """Infilling: phi(x, c) = p_model(suffix | c, x), scored by teacher forcing.
 
@@ -222,10 +243,24 @@ class SuffixLikelihood(Potential):
     """
 
     def __init__(self, model, tokenizer, suffix: str | Sequence[str], as_twist: bool = False):
+        if not isinstance(suffix, str):
+            suffix = list(suffix)
+            if not suffix or not all(isinstance(t, str) for t in suffix):
+                raise ValueError(
+                    "SuffixLikelihood `suffix` must be a string or a non-empty list of strings "
+                    "(one per prompt)"
+                )
         self.model, self.tokenizer = model, tokenizer
         self.suffix = suffix
         self.has_prefix = as_twist
         self.forward_tokens = 0
+
+    def _check_prompts(self, x: Particles) -> None:
+        if not isinstance(self.suffix, str) and len(self.suffix) != x.prompts.size:
+            raise ValueError(
+                f"SuffixLikelihood has {len(self.suffix)} suffixes but the batch has "
+                f"{x.prompts.size} prompt(s); pass one suffix per prompt, or one string for all"
+            )
 
     def _suffix_ids(self, b: int) -> list[int]:
         text = self.suffix if isinstance(self.suffix, str) else self.suffix[b]
@@ -235,6 +270,7 @@ class SuffixLikelihood(Potential):
         return ids
 
     def complete(self, x: Particles) -> Tensor:
+        self._check_prompts(x)
         if x.num_rows == 0:
             return torch.zeros(0, dtype=torch.float64, device=x.device)
         contexts = [p + c for p, c in zip(x.prompt_token_lists(), x.token_lists())]
