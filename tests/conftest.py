@@ -8,8 +8,15 @@ the logits are sharpened by a larger init so the targets are far from uniform.
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread per test process (and its subprocesses) unless the caller says otherwise:
+# the models are tiny, and more threads than free cores slow a busy machine many-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_threads = os.environ["OMP_NUM_THREADS"]
+torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else 1)
 
 from llmsample.exact import TOY_EOS as EOS  # noqa: E402
 from llmsample.exact import toy_model as make_model  # noqa: E402
