@@ -1,5 +1,9 @@
 """Peak memory and throughput of one GFlowNet training step: ours vs gradient-through-rollout.
 
+    python benchmarks/gfn_step.py                         # prints; writes nothing
+    python benchmarks/gfn_step.py --model smollm2-135m-instruct --max-new-tokens 32 64 \
+        --out benchmarks/results/gfn_step_smollm2.json --markdown benchmarks/RESULTS.md
+
 Both variants train the same LoRA policy (``llmsample.gfn.add_lora``, targets
 ``all-linear``) on the same prompts, with K samples per prompt, T new tokens and the
 trajectory-balance loss with a scalar log Z, and sample from the same distribution (the
@@ -621,8 +625,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny settings, for tests")
-    p.add_argument("--out", default=None, help="JSON (default benchmarks/results/gfn_step.json)")
-    p.add_argument("--markdown", default=None, help="default benchmarks/RESULTS.md; '' = none")
+    p.add_argument(
+        "--out", default="", help="write the JSON here (e.g. benchmarks/results/gfn_step.json)"
+    )
+    p.add_argument(
+        "--markdown", default="", help="add the table to this file (e.g. benchmarks/RESULTS.md)"
+    )
     p.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.model is None:
@@ -630,10 +638,6 @@ def parse_args(argv=None):
     if args.quick:
         args.batch, args.k, args.max_new_tokens = 2, 2, [8]
         args.warmup, args.repeats, args.rounds = 1, 2, 1
-    if args.out is None:
-        args.out = "" if args.quick else "benchmarks/results/gfn_step.json"
-    if args.markdown is None:
-        args.markdown = "" if args.quick else "benchmarks/RESULTS.md"
     return args
 
 

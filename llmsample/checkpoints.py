@@ -9,12 +9,12 @@
         save_checkpoint(acc, out_dir / "checkpoints", step, dict(step=step), {"gen": g},
                         keep=2, extra_file="ctl.pt", config=cfg, logs=[...])
 
-A checkpoint is a folder ``step_<n>``: ``accelerate``'s ``save_state`` (models,
-optimizers, registered schedulers, every RNG), the trainer's own ``extra_file``
-(``torch.save``), ``run.json`` (the run's config and the size of each log file at that
-moment) and ``trainer_state.json`` (small JSON state). It is written under a temporary
-name and renamed once complete, and the state JSON is written last, so a kill at any
-point leaves either a whole checkpoint or none: :func:`list_checkpoints` lists only
+A checkpoint is a folder ``step_<n>``: ``accelerate``'s ``save_state`` (the models'
+trainable parameters only, optimizers, registered schedulers, every RNG), the trainer's
+own ``extra_file`` (``torch.save``), ``run.json`` (the run's config and the size of each
+log file at that moment) and ``trainer_state.json`` (small JSON state). It is written
+under a temporary name and renamed once complete, and the state JSON is written last,
+so a kill at any point leaves either a whole checkpoint or none: :func:`list_checkpoints` lists only
 folders that hold it.
 
 Resuming (:func:`resume_point`) is what a rerun of the same command does:
@@ -203,7 +203,11 @@ def save_checkpoint(
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a kill
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    handle = acc.register_save_state_pre_hook(_trainable_only)
+    try:
+        acc.save_state(str(tmp))
+    finally:
+        handle.remove()
     acc.wait_for_everyone()
     if acc.is_main_process:
         if extra is not None:
@@ -220,11 +224,23 @@ def save_checkpoint(
     return final
 
 
+def _trainable_only(models, weights, output_dir) -> None:
+    """accelerate save hook: keep only each model's trainable parameters (a LoRA adapter and
+    a log Z head, not the frozen base model they sit on), so a checkpoint holds what
+    training changes."""
+    for i, (model, weight) in enumerate(zip(models, weights)):
+        # one name per tensor: a tied output embedding is saved (and restored) once
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        weights[i] = {k: v for k, v in weight.items() if k in trainable}
+
+
 def load_checkpoint(
     acc, path: Path, extra_file: str | None = None, marker: str = DONE
 ) -> tuple[dict, dict | None]:
-    """Restore ``acc``'s objects from ``path``; returns (JSON state, extra or None)."""
-    acc.load_state(str(path))
+    """Restore ``acc``'s objects from ``path``; returns (JSON state, extra or None).
+    Models get back their trainable parameters; frozen ones keep what they were built with
+    (checkpoints hold only what training changes)."""
+    acc.load_state(str(path), strict=False)
     extra = None if extra_file is None else torch.load(path / extra_file, weights_only=False)
     return json.loads((path / marker).read_text()), extra
 

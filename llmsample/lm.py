@@ -78,6 +78,12 @@ def _cache_kwarg(cls) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@lru_cache(maxsize=64)
+def _keeps_logits(cls) -> bool:
+    """Whether ``cls.forward`` takes ``logits_to_keep`` (compute the last logits only)."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
 def output_cache(out):
     """The KV cache a forward returned, under either name (see :func:`cache_kwarg`)."""
     cache = out.get("cache") if hasattr(out, "get") else getattr(out, "cache", None)
@@ -206,6 +212,7 @@ def teacher_force(
     grad: bool = False,
     stop_ids: list[int] | None = None,
     hidden: bool = False,
+    chunk_bytes: int = 64 * 2**20,
 ) -> TeacherForced:
     """One forward pass over context + continuation, no KV cache.
 
@@ -214,31 +221,82 @@ def teacher_force(
     of stopping (the sum over those tokens) after every continuation prefix, the empty
     one included; ``hidden`` adds the context's last hidden state. With ``grad`` the
     outputs carry gradients; otherwise the pass runs in inference mode.
+
+    Memory: the body runs once and keeps only the last hidden states [R, T+1, H]; the
+    output head then runs over time chunks of at most ``chunk_bytes`` of fp32 logits
+    ([R, c, V]), each recomputed in the backward pass (activation checkpointing), so no
+    [R, T+1, V] tensor is ever held. Models whose logits are not the head applied to the
+    last hidden state (logit soft-capping or scaling; a view whose adapter covers the
+    head) are detected on the spot, by comparing the head with the model's own last
+    logits, and scored with the logits of the last T+1 positions, as are models without
+    ``get_output_embeddings``.
     """
     device = model_device(model)
     ids = torch.cat([context_ids, continuation_ids], dim=1).to(device)  # [R, P+T]
     mask = torch.cat([context_mask, continuation_mask], dim=1).to(device)
     P, T = context_ids.shape[1], continuation_ids.shape[1]
+    cont = continuation_ids.to(device)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    keeps = _keeps_logits(type(_base_module(model)))
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     ctx = torch.enable_grad() if grad else torch.inference_mode()
     with ctx:
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=False,
-            output_hidden_states=hidden,
-        )
-        logits = out.logits[:, P - 1 : P + T].float()  # [R, T+1, V]
-        norm = logits.logsumexp(-1)  # [R, T+1]; no [R, T+1, V] log-softmax kept for backward
-        ids = continuation_ids.to(device)[..., None]
-        tok = logits[:, :T].gather(-1, ids)[..., 0] - norm[:, :T]  # [R, T]
+        tok = stop = h = None
+        if head is not None:
+            out = model(**kw, output_hidden_states=True, **({"logits_to_keep": 1} if keeps else {}))
+            h = out.hidden_states[-1][:, P - 1 :]  # [R, T+1, H] states that predict x_t
+            with torch.no_grad():  # is the model's logit head(last hidden state)?
+                last = out.logits[:, -1].float()  # [R, V]
+                plain = torch.allclose(head(h[:, -1]).float(), last, 1e-3, 1e-3)
+            if plain:
+                tok, stop = _chunked_logprobs(head, h, cont, stop_ids, grad, chunk_bytes)
+        if tok is None:  # no head to call, or the model post-processes its logits
+            out = model(
+                **kw, output_hidden_states=hidden, **({"logits_to_keep": T + 1} if keeps else {})
+            )
+            h = out.hidden_states[-1][:, P - 1 :] if hidden else None
+            tok, stop = _logprobs(out.logits[:, -(T + 1) :].float(), cont, stop_ids)
         tok = torch.where(continuation_mask.to(device).bool(), tok, torch.zeros_like(tok))
-        stop = None
-        if stop_ids:
-            sid = torch.as_tensor(stop_ids, device=device)
-            stop = logits[..., sid].logsumexp(-1) - norm  # [R, T+1]
-        h = out.hidden_states[-1][:, P - 1].float() if hidden else None  # [R, H]
-        return TeacherForced(tok, stop, h)
+        ctx_h = h[:, 0].float() if hidden else None  # [R, H]
+        return TeacherForced(tok, stop, ctx_h)
+
+
+def _logprobs(logits: Tensor, cont: Tensor, stop_ids: list[int] | None):
+    """Token and stop log-probs from fp32 logits [R, c, V] of c positions, the first c' =
+    cont.shape[1] <= c of which predict ``cont`` [R, c']: ([R, c'], [R, c] or None)."""
+    norm = logits.logsumexp(-1)  # [R, c]; no [R, c, V] log-softmax kept for backward
+    c = cont.shape[1]
+    tok = logits[:, :c].gather(-1, cont[..., None])[..., 0] - norm[:, :c]  # [R, c']
+    stop = None
+    if stop_ids:
+        sid = torch.as_tensor(stop_ids, device=logits.device)
+        stop = logits[..., sid].logsumexp(-1) - norm  # [R, c]
+    return tok, stop
+
+
+def _chunked_logprobs(head, h: Tensor, cont: Tensor, stop_ids, grad: bool, chunk_bytes: int):
+    """:func:`_logprobs` of ``head(h)`` over time chunks; h [R, T+1, H], cont [R, T]."""
+    from torch.utils.checkpoint import checkpoint
+
+    R, T1 = h.shape[:2]
+    V = head.weight.shape[0]
+    step = max(1, chunk_bytes // max(1, R * V * 4))  # time steps per chunk
+
+    def block(h_c: Tensor, cont_c: Tensor):
+        return _logprobs(head(h_c).float(), cont_c, stop_ids)
+
+    toks, stops = [], []
+    for s in range(0, T1, step):
+        h_c, cont_c = h[:, s : s + step], cont[:, s : s + step]  # the last chunk has T+1
+        if grad:
+            tok, stop = checkpoint(block, h_c, cont_c, use_reentrant=False)
+        else:
+            tok, stop = block(h_c, cont_c)
+        toks.append(tok)
+        stops.append(stop)
+    stop = torch.cat(stops, dim=1) if stop_ids else None  # [R, T+1]
+    return torch.cat(toks, dim=1), stop  # [R, T]
 
 
 def score_continuations(

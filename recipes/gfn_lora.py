@@ -3,21 +3,23 @@
     accelerate launch recipes/gfn_lora.py --config recipes/configs/gfn_exact.yaml
     python recipes/gfn_lora.py --config recipes/configs/gfn_exact.yaml --steps 50
 
-Tasks (``recipes/gfn_tasks.py``): exact, uniform-number, line-infill, keywords. Every
-field of :class:`GFNRecipeConfig` (the trainer's :class:`llmsample.gfn.GFNConfig` plus
-the task fields) is a flag and a YAML key. The run evaluates the base model (step 0),
-trains with checkpoints (rerun the same command to resume after a kill; only the fields
-in ``RESUMABLE_FIELDS`` may change then, ``--overwrite`` starts afresh), evaluates
-again, exports the adapter to ``<out_dir>/adapter`` (load it with
-``llmsample.load_model(model, adapter=...)``) and writes ``<out_dir>/summary.json``
-(each figure with the step it was measured at). SIGINT / SIGTERM stop it after a
-checkpoint with exit status 130 / 143; a config error exits with status 2.
+Tasks (``recipes/gfn_tasks.py``): exact, uniform-number, line-infill, keywords,
+commongen. Every field of :class:`GFNRecipeConfig` (the trainer's
+:class:`llmsample.gfn.GFNConfig` plus the task fields) is a flag and a YAML key. The run
+evaluates the base model (step 0), trains with checkpoints (rerun the same command to
+resume after a kill; only the fields in ``RESUMABLE_FIELDS`` may change then,
+``--overwrite`` starts afresh), evaluates again, exports the adapter to
+``<out_dir>/adapter`` (load it with ``llmsample.load_model(model, adapter=...)``) and
+writes ``<out_dir>/summary.json`` (each figure with the step it was measured at). SIGINT
+/ SIGTERM stop it after a checkpoint with exit status 130 / 143; a config error exits
+with status 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import shutil
 import sys
@@ -54,6 +56,7 @@ class GFNRecipeConfig(GFNConfig):
     eval_samples: int = _help("line-infill/keywords: policy samples per evaluated prompt", 32)
     miss_penalty: float = _help("keywords: log phi = -miss_penalty * (missing words)", 4.0)
     invalid_log_reward: float = _help("uniform-number: log R of an invalid sequence", -10.0)
+    coverage_beta: float = _help("commongen: log phi = coverage_beta * (coverage - 1)", 8.0)
 
     RESUMABLE_FIELDS = (*GFNConfig.RESUMABLE_FIELDS, "num_threads")
 
@@ -65,6 +68,8 @@ class GFNRecipeConfig(GFNConfig):
             raise ValueError("num_threads must be >= 0, num_prompts and eval_prompts >= 1")
         if not self.miss_penalty > 0:
             raise ValueError("miss_penalty must be > 0")
+        if not (self.coverage_beta > 0 and math.isfinite(self.coverage_beta)):
+            raise ValueError(f"coverage_beta must be finite and > 0, got {self.coverage_beta}")
 
 
 def main(cfg: GFNRecipeConfig) -> dict:
@@ -83,7 +88,11 @@ def main(cfg: GFNRecipeConfig) -> dict:
     gfn_fields = {f.name for f in dataclasses.fields(GFNConfig)}
     train_cfg = GFNConfig(
         **{k: v for k, v in dataclasses.asdict(cfg).items() if k in gfn_fields}
-        | dict(max_new_tokens=task.max_new_tokens, base_in_reward=task.base_in_reward)
+        | dict(
+            max_new_tokens=task.max_new_tokens,
+            base_in_reward=task.base_in_reward,
+            chat=task.chat,
+        )
     )
     policy = add_lora(task.model, train_cfg)
     if task.bind is not None:

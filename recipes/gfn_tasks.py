@@ -13,6 +13,12 @@
   exp(-miss_penalty * missing words) (keywords, a softened constraint; SMC with the
   policy as proposal still uses the hard one). The evaluation samples the policy:
   ESS of R/q, an importance estimate of log Z, the ELBO and the unique fraction.
+- ``commongen``: CommonGen *training* concept sets (``llmsample.commongen``; the evals
+  score the dev sets) as chat prompts to ``cfg.model`` (SmolLM2-135M-Instruct in
+  ``gfn_commongen.yaml``), ending at the chat template's end of turn. The reward is
+  p_base(x|c) * exp(coverage_beta * (coverage - 1)): a soft coverage (a hard 0/1 gives
+  most rollouts of a 135M model reward 0 and no gradient signal). The evaluation is the
+  lm tasks' policy diagnostics on the first ``eval_prompts`` training sets.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from llmsample.potentials import Potential, Reward
 
 __all__ = ["GFNTask", "build_task", "TASKS"]
 
-TASKS = ("exact", "uniform-number", "line-infill", "keywords")
+TASKS = ("exact", "uniform-number", "line-infill", "keywords", "commongen")
 DIGITS = [str(d) for d in range(10)]
 
 
@@ -45,6 +51,7 @@ class GFNTask:
     base_in_reward: bool
     evaluate: object  # (policy, step) -> dict
     bind: object = None  # (policy) -> None: rebuild model-based potentials on BaseView
+    chat: bool = False  # prompts are user messages (the tokenizer's chat template)
 
 
 def _soft(texts: list[str]) -> list[float]:
@@ -160,6 +167,40 @@ def lm_task(cfg) -> GFNTask:
     return holder
 
 
+def commongen_task(cfg) -> GFNTask:
+    import random
+
+    import llmsample
+    from llmsample.commongen import commongen_prompt, load_commongen
+    from llmsample.concepts import ConceptCoverage
+    from llmsample.potentials import PerPrompt
+
+    model, tok = llmsample.load_model(cfg.model, device=cfg.device)
+    train = load_commongen("train")
+    n = min(cfg.num_prompts, len(train))
+    rows = random.Random(cfg.task_seed).sample(range(len(train)), n)
+    sets = [list(train[i]["concepts"]) for i in rows]
+    prompts = [commongen_prompt(c) for c in sets]
+    potential = [ConceptCoverage(*c, beta=cfg.coverage_beta) for c in sets]
+    stop_ids = [tok.eos_token_id]  # the chat template's end of turn
+    T = 32  # as the eval: 99.4% of the dev references fit in 32 SmolLM2 tokens
+
+    def evaluate(policy, step):
+        return policy_diagnostics(
+            policy,
+            tok,
+            prompts[: cfg.eval_prompts],
+            PerPrompt(potential[: cfg.eval_prompts]),
+            num_samples=cfg.eval_samples,
+            max_new_tokens=T,
+            stop_ids=stop_ids,
+            seed=cfg.seed,
+            chat=True,
+        )
+
+    return GFNTask(model, tok, prompts, potential, stop_ids, T, True, evaluate, chat=True)
+
+
 def _soft_contains(words, penalty: float) -> Potential:
     import regex
 
@@ -176,4 +217,6 @@ def build_task(cfg) -> GFNTask:
         return exact_task(cfg)
     if cfg.task == "uniform-number":
         return uniform_number_task(cfg)
+    if cfg.task == "commongen":
+        return commongen_task(cfg)
     return lm_task(cfg)

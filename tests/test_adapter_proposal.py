@@ -36,7 +36,7 @@ def soft(texts):  # log phi = #c - 0.7 #a, with prefix scores (a valid twist)
 SOFT = Reward(soft, soft)
 
 
-def make_policy(base, std=0.1, seed=2):
+def make_policy(base, std=0.2, seed=2):
     """``add_lora`` with its (zero-initialized) B matrices perturbed, so q != p_base."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft: fan_in_fan_out for GPT-2's Conv1D

@@ -44,3 +44,61 @@ def test_recipe_config_validation():
         GFNRecipeConfig(task="sudoku")
     with pytest.raises(ValueError, match="miss_penalty"):
         GFNRecipeConfig(miss_penalty=0.0)
+
+
+def test_commongen_recipe_on_a_chat_model_resumes_after_a_kill(tmp_path, monkeypatch):
+    """gfn_commongen.yaml on a tiny chat Llama folder (chat template, end-of-turn stop):
+    a run killed after logging step 3 (checkpoint at step 2) resumes to the same losses and
+    bit-identical LoRA weights as an uninterrupted run; checkpoints and the exported
+    adapter hold only what training changes."""
+    import gfn_lora
+    import torch
+    from conftest import CHAT_WORDS, make_chat_tokenizer
+    from safetensors.torch import load_file
+
+    from llmsample.exact import toy_model
+
+    words = ["dog", "ball", "park", "throw", "a", "the", *CHAT_WORDS]
+    folder = tmp_path / "model"
+    toy_model("llama", vocab_size=len(words) + 1).save_pretrained(folder)
+    make_chat_tokenizer(words).save_pretrained(folder)
+    flags = ["--model", str(folder), "--steps", "4", "--num_prompts", "3", "--save_every", "2"]
+    flags += ["--samples_per_prompt", "4", "--eval_every", "0", "--eval_prompts", "2"]
+    flags += ["--eval_samples", "4", "--num_threads", "1", "--max_minutes", "0", "--log_every", "1"]
+
+    def run(out):
+        argv = ["--config", str(ROOT / "recipes/configs/gfn_commongen.yaml"), "--out_dir", str(out)]
+        return main(parse_config(GFNRecipeConfig, [*argv, "--progress", "false", *flags]))
+
+    straight = run(tmp_path / "a")
+    assert straight["final"]["finished"] and straight["trained"]["step"] == 4
+
+    class Killed(Exception):
+        pass
+
+    log = gfn_lora.GFNTrainer._log
+
+    def dying_log(self, record):
+        log(self, record)
+        if record["event"] == "train" and record["step"] == 3:
+            raise Killed
+
+    monkeypatch.setattr(gfn_lora.GFNTrainer, "_log", dying_log)
+    with pytest.raises(Killed):
+        run(tmp_path / "b")
+    monkeypatch.setattr(gfn_lora.GFNTrainer, "_log", log)
+    resumed = run(tmp_path / "b")
+    assert resumed["final"]["finished"]
+
+    def losses(out):
+        events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [e["loss"] for e in events if e["event"] == "train"]
+
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 4
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all("lora_" in k for k in a)  # no embedding or other frozen weight copied
+    lora_bytes = sum(t.numel() * t.element_size() for t in a.values())
+    file = tmp_path / "a" / "adapter" / "adapter_model.safetensors"
+    assert file.stat().st_size <= 2 * lora_bytes

@@ -108,6 +108,28 @@ def test_resume_after_signal_matches_uninterrupted_run(tmp_path):
         if a.requires_grad:
             assert torch.equal(a, b), name
     assert len(again.replay) == len(ref.replay)
+    # the checkpoint holds what training changes: the LoRA and log Z, no frozen weight
+    from safetensors import safe_open
+
+    ckpt = sorted((tmp_path / "part" / "checkpoints").glob("step_*"))[-1]
+    saved = set()
+    for file in ckpt.glob("model*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            saved |= set(f.keys())
+    trainable = {n for n, p in again.policy.named_parameters() if p.requires_grad}
+    trainable |= {n for n, p in again.log_z.named_parameters() if p.requires_grad}
+    assert saved == trainable, saved ^ trainable
+
+
+def test_time_budget_stop_leaves_a_usable_adapter(tmp_path):
+    """max_minutes is a budget: the run stops resumably *and* exports what it learned."""
+    tok = toy_tokenizer(with_pad=True)
+    cfg = _cfg(tmp_path, steps=8, max_minutes=1e-9)
+    result = GFNTrainer(add_lora(toy_model("gpt2"), cfg), tok, [PROMPT], PHI, cfg).train()
+    assert result["stopped_by"] == "max_minutes" and not result["finished"]
+    assert result["step"] == 1
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert sorted((tmp_path / "run" / "checkpoints").glob("step_*"))  # and resumable
 
 
 def test_refuses_bad_input(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from llmsample.lm import LMSession, score_continuations
+from llmsample.lm import LMSession, position_ids, score_continuations, teacher_force
 from llmsample.prompts import encode_prompts
 
 ATOL = 1e-5
@@ -86,3 +86,61 @@ def test_cache_keyword_seen_through_peft_and_base_view(arch):
     expected = own or "past_key_values"
     policy = add_lora(make_model(arch), GFNConfig())
     assert cache_kwarg(model) == cache_kwarg(policy) == cache_kwarg(BaseView(policy)) == expected
+
+
+def _full_teacher_force(model, prompts, cont, cmask, stop_ids):
+    """The reference: full [R, T+1, V] logits, log-softmax, gather (no chunking)."""
+    ids = torch.cat([prompts.input_ids, cont], 1)
+    mask = torch.cat([prompts.attention_mask, cmask], 1)
+    P, T = prompts.input_ids.shape[1], cont.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    logp = torch.log_softmax(logits[:, P - 1 : P + T].float(), -1)  # [R, T+1, V]
+    tok = logp[:, :T].gather(-1, cont[..., None])[..., 0] * cmask
+    stop = logp[..., stop_ids].logsumexp(-1)
+    return tok, stop
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("chunk_bytes", [1, 9 * 4 * 6 * 2, 2**30])  # 1 step, 2 steps, all
+def test_chunked_teacher_forcing_equals_full_logits_with_gradients(arch, chunk_bytes):
+    """The memory-bounded head (time chunks, recomputed in backward) gives the same token
+    and stop log-probs as full logits, and the same gradients, to 1e-5."""
+    model, tok = make_model(arch), make_tokenizer()
+    prompts = encode_prompts(tok, ["a b c", "d", "e f"])
+    cont = torch.tensor([[1, 2, 3, 4, 5], [5, 6, 0, 0, 0], [7, 1, 2, 0, 0]])
+    cmask = (torch.arange(5)[None] < torch.tensor([[5], [2], [3]])).long()
+    stop_ids = [8, 3]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(tok_logp, stop_logp):
+        loss = (tok_logp.sum(1) * torch.tensor([1.0, -2.0, 0.5])).sum() + stop_logp[:, 1].sum()
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    got = teacher_force(
+        model, prompts.input_ids, prompts.attention_mask, cont, cmask,
+        grad=True, stop_ids=stop_ids, chunk_bytes=chunk_bytes,
+    )  # fmt: skip
+    want = _full_teacher_force(model, prompts, cont, cmask, stop_ids)
+    assert torch.allclose(got.token_logp, want[0], atol=ATOL)
+    assert torch.allclose(got.stop_logp, want[1], atol=ATOL)
+    for g, w in zip(grads(got.token_logp, got.stop_logp), grads(*want)):
+        assert (g is None and w is None) or torch.allclose(g, w, atol=ATOL)
+
+
+def test_teacher_forcing_falls_back_when_the_model_rescales_its_logits():
+    """A model whose logits are not head(last hidden state) (here: doubled by a hook, as
+    logit scaling or soft-capping would) is scored on its own logits."""
+    model, tok = make_model("llama"), make_tokenizer()
+
+    def double(module, args, out):
+        out.logits = 2 * out.logits
+        return out
+
+    model.register_forward_hook(double)
+    prompts = encode_prompts(tok, ["a b", "c"])
+    cont, cmask = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    got = teacher_force(model, prompts.input_ids, prompts.attention_mask, cont, cmask, stop_ids=[8])
+    with torch.no_grad():
+        want = _full_teacher_force(model, prompts, cont, cmask, [8])
+    assert torch.allclose(got.token_logp, want[0], atol=ATOL)
+    assert torch.allclose(got.stop_logp, want[1], atol=ATOL)

@@ -42,6 +42,9 @@ class GFNConfig:
     samples_per_prompt: int = _help("K sequences per prompt per micro-batch", 16)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
     max_new_tokens: int = _help("T: sequences end at a stop token or after T tokens", 16)
+    chat: bool = _help(
+        "prompts are user messages: encode them with the tokenizer's chat template", False
+    )
     lr: float = _help("learning rate of the LoRA weights", 1e-3)
     log_z_lr: float = _help("learning rate of log Z (scalar or head)", 0.1)
     weight_decay: float = _help("AdamW weight decay of the LoRA weights", 0.0)
@@ -53,6 +56,11 @@ class GFNConfig:
     lora_alpha: float = _help("LoRA alpha (scale alpha / r)", 16.0)
     target_modules: list[str] = _help(
         "modules to adapt; ['all-linear'] = every linear", ["all-linear"]
+    )
+    modules_to_save: list[str] = _help(
+        "small modules trained in full beside the LoRA (e.g. the final norm: ['ln_f'] for "
+        "GPT-2, ['norm'] for Llama); saved with the adapter",
+        [],
     )
     # exploration
     tempered_fraction: float = _help("fraction of steps that sample at a random temperature", 0.5)

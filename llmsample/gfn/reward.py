@@ -49,6 +49,11 @@ class BaseView(torch.nn.Module):
         with self.policy.disable_adapter():
             return self.policy(*args, **kwargs)
 
+    def get_output_embeddings(self):
+        """The policy's output head (``lm.teacher_force`` checks that, called outside this
+        view, it gives the view's logits: not so when the adapter covers the head)."""
+        return self.policy.get_output_embeddings()
+
 
 @dataclass
 class RewardTerms:
@@ -143,6 +148,7 @@ def policy_diagnostics(
     stop_ids: list[int],
     base_in_reward: bool = True,
     seed: int = 0,
+    chat: bool = False,
 ) -> dict:
     """How close q is to sigma, from ``num_samples`` policy samples per prompt:
 
@@ -152,7 +158,7 @@ def policy_diagnostics(
     - ``elbo``: mean of log R - log q (<= log Z; the gap is KL(q||sigma));
     - ``log_reward``, ``unique`` (distinct sequences / K).
     """
-    batch = encode_prompts(tokenizer, prompts)
+    batch = encode_prompts(tokenizer, prompts, chat=chat)  # chat: user messages, templated
     gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
     ro = sample_rollouts(policy, batch, num_samples, max_new_tokens, stop_ids, generator=gen)
     ro = Rollouts(*(getattr(ro, f).cpu() for f in Rollouts.__dataclass_fields__))

@@ -22,7 +22,8 @@ Checkpoints (accelerate state + replay buffer + RNG + step + the config) land in
 ``out_dir/checkpoints`` every ``save_every`` steps, on SIGINT/SIGTERM and at
 ``max_minutes``; a rerun resumes from the newest one if its config differs only in
 ``GFNConfig.RESUMABLE_FIELDS`` (else it is refused; ``overwrite=True`` starts fresh), see
-:mod:`llmsample.checkpoints`. The adapter and log Z are exported to ``out_dir/adapter``;
+:mod:`llmsample.checkpoints`. The adapter and log Z are exported to ``out_dir/adapter`` at
+the end and when ``max_minutes`` runs out (a budget-limited run leaves a usable adapter);
 metrics go to ``out_dir/metrics.jsonl`` (cut back to the checkpoint on resume, so no
 event is repeated) and to any accelerate tracker. ``train()`` returns the last
 evaluation with the step it was measured at (``eval_step``), the step reached,
@@ -61,7 +62,8 @@ __all__ = ["GFNTrainer", "LogZ", "add_lora"]
 
 
 def add_lora(model, cfg: GFNConfig):
-    """Wrap ``model`` in a fresh peft LoRA adapter as configured (the base stays frozen)."""
+    """Wrap ``model`` in a fresh peft LoRA adapter as configured (the base stays frozen).
+    The adapter's random init depends only on ``cfg.seed``, not on the global RNG."""
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.target_modules
@@ -69,9 +71,12 @@ def add_lora(model, cfg: GFNConfig):
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
+        modules_to_save=list(cfg.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(model, lora)
 
 
 class LogZ(nn.Module):
@@ -168,7 +173,7 @@ class GFNTrainer:
         cfg = self.cfg
         n = min(cfg.prompts_per_step, len(self.prompts))
         chosen = torch.randperm(len(self.prompts), generator=self.gen)[:n].tolist()
-        prompts = encode_prompts(self.tokenizer, [self.prompts[i] for i in chosen])
+        prompts = encode_prompts(self.tokenizer, [self.prompts[i] for i in chosen], chat=cfg.chat)
         K = cfg.samples_per_prompt
         k_r = int(cfg.replay_fraction * K)
         if any(self.replay.size(i) < k_r for i in chosen):
@@ -410,6 +415,8 @@ class GFNTrainer:
             self.export()
             self._log(dict(event="done", step=self.step, elapsed_s=self.elapsed))
         else:
+            if stopped_by == "max_minutes":  # a time budget: leave a usable adapter too
+                self.export()
             self._log(dict(event="stop", step=self.step, elapsed_s=self.elapsed, reason=stopped_by))
         if self.cfg.report_to != "none":
             self.acc.end_training()
