@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 
 import llmsample
+from evals.report import commit_line
 from llmsample.bounds import log_z_bounds
 from llmsample.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import FlowTwist, GFNConfig, GFNTrainer, add_lora
 from llmsample.metrics import kl_q_sigma, kl_sigma_q
 from llmsample.potentials import Reward
+from llmsample.provenance import provenance
 
 __all__ = ["run_exact"]
 
@@ -181,6 +183,7 @@ def run_exact(out_dir: Path, seeds=(0, 1, 2), quick: bool = False, command: str 
         seeds=list(seeds),
         exact_log_z=[t.log_z for t in targets],
         command=command,
+        provenance=provenance(command),
     )
     summary = dict(meta=meta, rows=rows, bounds=bounds)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -194,6 +197,7 @@ def _markdown(summary: dict) -> str:
         "# exact: samplers against an enumerated posterior",
         "",
         f"Command: `{m['command']}`  ",
+        commit_line(m),
         f"Toy GPT-2 (8 words + EOS), prompts {m['prompts']}, T = {m['max_new_tokens']}, "
         "soft potential log phi = count(c) - 0.7 count(a); exact log Z = "
         + ", ".join(f"{z:.4f}" for z in m["exact_log_z"])

@@ -45,11 +45,13 @@ from pathlib import Path
 import torch
 
 import llmsample
+from evals.report import commit_line
 from llmsample.bounds import joint_infill_samples
 from llmsample.generate import smc_generate
 from llmsample.gfn import FlowTwist
 from llmsample.potentials import SuffixLikelihood
 from llmsample.prompts import line_end_ids
+from llmsample.provenance import provenance
 from llmsample.twist_head import LearnedTwist, TwistHead, text_features
 
 __all__ = ["run_bounds", "main", "METHODS", "TWISTS"]
@@ -186,6 +188,7 @@ def run_bounds(
         seeds=list(seeds),
         max_new_tokens=T,
         torch_threads=torch.get_num_threads(),
+        provenance=provenance(command),
     )
     summary = dict(meta=meta, rows=rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -200,6 +203,7 @@ def render(summary: dict) -> str:
         "# line-infill: bounds on log Z",
         "",
         "Commands: " + ", ".join(f"`{c}`" for c in meta["commands"]) + "  ",
+        commit_line(meta),
         f"{meta['problems']} synthetic problems (contexts of the line-infill eval prompts, "
         f"middle line and {meta['suffix_tokens']} suffix tokens drawn from the model), "
         f"{len(meta['seeds'])} lower and {len(meta['seeds'])} upper runs per problem per cell. "

@@ -37,7 +37,7 @@ CI_KEYS = {
     "concept_frac": "per_prompt_concept_frac",
 }
 
-__all__ = ["load_cells", "summarize", "write_report", "pareto_front"]
+__all__ = ["load_cells", "summarize", "write_report", "pareto_front", "commit_line"]
 
 
 def load_cells(out: Path) -> list[dict]:
@@ -290,6 +290,15 @@ def _intro(meta: dict) -> tuple[str, str]:
     )
 
 
+def commit_line(meta: dict) -> str:
+    """The markdown line naming the commit that wrote a report (see llmsample.provenance)."""
+    prov = meta.get("provenance") or {}
+    if not prov.get("commit"):
+        return "Commit: unknown (not run from a git checkout)  "
+    dirty = " plus uncommitted changes" if prov.get("dirty") else ""
+    return f"Commit: `{prov['commit'][:12]}`{dirty}; torch {prov['torch']}  "
+
+
 def markdown(summary: dict, meta: dict) -> str:
     rows = summary["rows"]
     title, intro = _intro(meta)
@@ -297,6 +306,7 @@ def markdown(summary: dict, meta: dict) -> str:
     commands = meta.get("commands") or [meta["command"]]
     lines = [title, ""]
     lines += [f"Command: `{c}`  " for c in commands]
+    lines += [commit_line(meta)]
     lines += [intro, "", *_table(rows, columns)]
     ref = summary.get("references")
     if ref:

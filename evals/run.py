@@ -35,6 +35,7 @@ import llmsample
 from evals import report
 from evals.methods import draws, methods, score_texts
 from evals.tasks import build_task
+from llmsample.provenance import provenance
 
 __all__ = ["run_task", "main"]
 
@@ -121,6 +122,7 @@ def run_task(
         quick=quick,
         command=command,
         commands=_commands(out, command),
+        provenance=provenance(command),  # the commit that wrote this report
     )
     return report.write_report(out, meta)
 

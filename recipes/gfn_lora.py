@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
+import shlex
 import shutil
 import sys
 import time
@@ -36,6 +36,7 @@ from gfn_tasks import TASKS, build_task  # noqa: E402
 from llmsample.checkpoints import check_resume, signal_stop  # noqa: E402
 from llmsample.config import run_recipe  # noqa: E402
 from llmsample.gfn import GFNConfig, GFNTrainer, add_lora  # noqa: E402
+from llmsample.provenance import provenance  # noqa: E402
 
 
 def _help(text, default):
@@ -108,21 +109,18 @@ def main(cfg: GFNRecipeConfig) -> dict:
         run_config=cfg,
     )
     result = trainer.train()
+    prov = provenance(shlex.join(["python", *sys.argv]))
     summary = dict(
         task=cfg.task,
-        command=" ".join(sys.argv),
+        command=prov["command"],
         config=dataclasses.asdict(cfg),
         # final: the step reached, finished, stopped_by and the last evaluation's
         # metrics, measured at final["eval_step"] (not necessarily final["step"])
         final=result,
         stopped_by_signal=signal_stop(result["stopped_by"], result["step"]),
         wall_s=round(time.time() - start, 1),
-        machine=dict(
-            cpu=platform.processor() or platform.machine(),
-            torch=torch.__version__,
-            threads=torch.get_num_threads(),
-            device=cfg.device,
-        ),
+        machine=dict(device=cfg.device, **{k: prov[k] for k in ("cpu", "torch", "threads")}),
+        provenance=prov,  # the commit and command that made this file
     )
     log = out / "metrics.jsonl"
     events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []

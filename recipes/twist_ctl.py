@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,6 +62,7 @@ from llmsample.generate import smc_generate
 from llmsample.lm import vocab_size
 from llmsample.potentials import Reward
 from llmsample.prompts import encode_prompts
+from llmsample.provenance import provenance
 from llmsample.resampling import ess
 from llmsample.twist_head import LearnedTwist, TwistHead
 from llmsample.twists import Twist
@@ -293,11 +294,9 @@ def tv_check(model, tok, prompts, potential, twist, proposal, targets, N, T, see
 
 
 def _machine() -> dict:
-    return dict(
-        cpu=platform.processor() or platform.machine(),
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-    )
+    """``machine`` and ``provenance`` (the commit and command behind the file) entries."""
+    prov = provenance(shlex.join(["python", *sys.argv]))
+    return dict(machine={k: prov[k] for k in ("cpu", "torch", "threads")}, provenance=prov)
 
 
 def main(cfg: TwistCTLRecipeConfig) -> dict:
@@ -318,9 +317,11 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         from twist_ctl_infill import run_infill
 
         fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in ctl_fields}
-        summary = dict(task=cfg.task, command=" ".join(sys.argv), config=dataclasses.asdict(cfg))
+        summary = dict(
+            task=cfg.task, command=shlex.join(["python", *sys.argv]), config=dataclasses.asdict(cfg)
+        )
         summary |= run_infill(cfg, fields)
-        summary |= dict(wall_s=round(time.time() - start, 1), machine=_machine())
+        summary |= dict(wall_s=round(time.time() - start, 1), **_machine())
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -355,7 +356,7 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
     timings = dict(train_s=round(time.time() - t0, 1))
     summary = dict(
         task=cfg.task,
-        command=" ".join(sys.argv),
+        command=shlex.join(["python", *sys.argv]),
         config=dataclasses.asdict(cfg),
         num_sequences=len(targets[0].sequences),
         exact_log_z=[t.log_z for t in targets],
@@ -371,7 +372,7 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         summary["base"] = {k: v for k, v in evals[0].items() if "/" not in k}
         summary["trained"] = {k: v for k, v in evals[-1].items() if "/" not in k}
     if result["stopped_by"] in ("SIGINT", "SIGTERM"):  # asked to stop: skip the checks
-        summary |= dict(wall_s=round(time.time() - start, 1), timings=timings, machine=_machine())
+        summary |= dict(wall_s=round(time.time() - start, 1), timings=timings, **_machine())
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -415,7 +416,7 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         tv=tv,
         wall_s=round(time.time() - start, 1),
         timings=timings | dict(tv_s=round(time.time() - t0, 1)),
-        machine=_machine(),
+        **_machine(),
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
