@@ -17,19 +17,23 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["provenance", "git_commit"]
+__all__ = ["provenance", "git_commit", "NOT_CODE"]
 
 _REPO = Path(__file__).resolve().parent.parent
+NOT_CODE = ("evals/results", "benchmarks/results", "*.md")  # edits here leave results unchanged
 
 
 def git_commit(repo: Path = _REPO) -> dict:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding this
-    package; both None outside a git checkout (an installed wheel) or without git."""
+    package; ``dirty``: a tracked file other than results and Markdown (:data:`NOT_CODE`)
+    differs from the commit. Both None outside a git checkout (a wheel) or without git."""
     try:
         run = dict(cwd=repo, capture_output=True, text=True, timeout=10, check=True)
         sha = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
-        # tracked files only: untracked scratch files do not change what the code does
-        status = subprocess.run(["git", "status", "--porcelain", "-uno"], **run).stdout
+        # tracked files that can change a result: not untracked scratch files, not the
+        # results and docs themselves (rewriting one result must not taint the next)
+        spec = ["--", ".", *(f":(exclude){p}" for p in NOT_CODE)]
+        status = subprocess.run(["git", "status", "--porcelain", "-uno", *spec], **run).stdout
     except (OSError, subprocess.SubprocessError):
         return dict(commit=None, dirty=None)
     return dict(commit=sha, dirty=bool(status.strip()))
