@@ -9,6 +9,7 @@ out.texts, out.log_weights, out.log_z, out.ess, out.sample(4)
 """
 
 from llmsample import potentials, proposals, twists
+from llmsample.decoding import importance_decoding, smc_decoding
 from llmsample.generate import (
     ancestral_generate,
     beam_generate,
@@ -22,6 +23,8 @@ from llmsample.smc import SMCConfig
 
 __all__ = [
     "smc_generate",
+    "smc_decoding",
+    "importance_decoding",
     "importance_generate",
     "ancestral_generate",
     "beam_generate",

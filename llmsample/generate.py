@@ -36,7 +36,7 @@ from llmsample.potentials import Potential
 from llmsample.prompts import encode_prompts
 from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal, Proposal
 from llmsample.smc import SMCConfig, run_smc
-from llmsample.twists import NoTwist, PotentialTwist, Twist
+from llmsample.twists import Twist, resolve_twist
 
 __all__ = ["smc_generate", "importance_generate", "ancestral_generate", "beam_generate"]
 
@@ -129,23 +129,6 @@ def _prompts(tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, c
         chat=chat,
         messages=messages,
     )
-
-
-def _resolve_twist(twist, potential: Potential | None) -> Twist:
-    if isinstance(twist, Twist):
-        return twist
-    if twist in (None, "none"):
-        return NoTwist()
-    if twist == "prefix":
-        if potential is None:
-            raise ValueError("twist='prefix' needs a potential to take prefix scores from")
-        if not potential.has_prefix:
-            raise ValueError(
-                f"twist='prefix' but {potential!r} has no prefix scores; use twist='none' or "
-                "a potential with prefix scores (e.g. Regex(..., mode='fullmatch'), TokenMask)"
-            )
-        return PotentialTwist(potential)
-    raise ValueError(f"twist must be 'none', 'prefix' or a Twist instance, got {twist!r}")
 
 
 def _is_peft(model) -> bool:
@@ -297,7 +280,7 @@ def smc_generate(
         potential,
         cfg,
         proposal=q,
-        twist=_resolve_twist(twist, potential),
+        twist=resolve_twist(twist, potential),
         eos_token_ids=eos,
         method="csmc" if reference is not None else _method,
         model_context=model_context,

@@ -4,7 +4,9 @@ Every proposal returns a full next-token log-distribution [R, V]; the engine sam
 from it and uses ``log q`` of the sampled token in the weights, so truncation
 (top-k/top-p) and tempering are corrected exactly.
 
-- :class:`LMProposal`: the base LM itself, optionally tempered/top-k/top-p.
+- :class:`LMProposal`: the base LM itself, optionally tempered/top-k/top-p, and
+  optionally reshaped by a per-step ``logits_hook`` (e.g. transformers logits processors:
+  :mod:`llmsample.decoding`); log q is the normalized hooked distribution, so exact.
 - :class:`ModelProposal`: another causal LM that shares the tokenizer (e.g. a
   GFlowNet-tuned adapter), with its own KV cache kept in step with the particles.
 - :class:`LocallyOptimal`: q ∝ p · psi_t(x_<t, v) over all v at once, from a twist
@@ -15,6 +17,7 @@ from it and uses ``log q`` of the sampled token in the weights, so truncation
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -23,7 +26,10 @@ from llmsample.lm import LMSession, vocab_size
 from llmsample.particles import Particles
 from llmsample.prompts import PromptBatch
 
-__all__ = ["Proposal", "LMProposal", "ModelProposal", "LocallyOptimal", "truncate"]
+__all__ = ["Proposal", "LMProposal", "ModelProposal", "LocallyOptimal", "truncate", "LogitsHook"]
+
+# (next-token log-probs [R, V], the particles so far) -> log scores [R, V], any shift
+LogitsHook = Callable[[Tensor, Particles], Tensor]
 
 
 def truncate(
@@ -72,17 +78,41 @@ class Proposal:
         return base_logp
 
 
+def _hooked(hook: LogitsHook | None, logp: Tensor, x: Particles) -> Tensor:
+    """log_softmax(hook(logp, x)). A row the hook leaves with no finite score (generate would
+    fail on it) keeps ``logp``: the engine weighs by the log q returned, so it stays exact."""
+    if hook is None:
+        return logp
+    scores = hook(logp, x).float()
+    if scores.shape != logp.shape:
+        raise ValueError(f"logits_hook returned {tuple(scores.shape)}, not {tuple(logp.shape)}")
+    logq = torch.log_softmax(scores, dim=-1)
+    return torch.where(torch.isnan(logq).any(-1, keepdim=True), logp, logq)
+
+
 class LMProposal(Proposal):
-    """The base LM, optionally tempered / top-k / top-p (exact truncated log q)."""
+    """The base LM, optionally tempered / top-k / top-p (exact truncated log q).
+
+    ``logits_hook(logp, x)`` reshapes the next-token scores first (before tempering and
+    truncation): it gets the normalized log-probs [R, V] and the particles so far and
+    returns log scores; q is their softmax, so log q stays exact. It must be a function of
+    its inputs only: rows are reordered by resampling between calls.
+    """
 
     def __init__(
-        self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+        self,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        logits_hook: LogitsHook | None = None,
     ):
         _check_sampling(temperature, top_k, top_p)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.logits_hook = logits_hook
 
     def log_probs(self, base_logp: Tensor, x: Particles, twist_scores: Tensor | None) -> Tensor:
-        return truncate(base_logp, self.temperature, self.top_k, self.top_p)
+        logp = _hooked(self.logits_hook, base_logp, x)
+        return truncate(logp, self.temperature, self.top_k, self.top_p)
 
     def __repr__(self) -> str:
         return f"LMProposal(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"
@@ -97,9 +127,14 @@ class ModelProposal(LMProposal):
     """
 
     def __init__(
-        self, model, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+        self,
+        model,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        logits_hook: LogitsHook | None = None,
     ):
-        super().__init__(temperature, top_k, top_p)
+        super().__init__(temperature, top_k, top_p, logits_hook)
         self.model = model
         self.session: LMSession | None = None
 
@@ -119,7 +154,7 @@ class ModelProposal(LMProposal):
         self.session.reorder(index)
 
     def log_probs(self, base_logp: Tensor, x: Particles, twist_scores: Tensor | None) -> Tensor:
-        own = self.session.logp.to(base_logp.device)
+        own = _hooked(self.logits_hook, self.session.logp.to(base_logp.device), x)
         return truncate(own, self.temperature, self.top_k, self.top_p)
 
     @property

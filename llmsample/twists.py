@@ -27,7 +27,7 @@ from llmsample.particles import Particles
 from llmsample.potentials import Potential
 from llmsample.prompts import PromptBatch
 
-__all__ = ["Twist", "NoTwist", "PotentialTwist"]
+__all__ = ["Twist", "NoTwist", "PotentialTwist", "resolve_twist"]
 
 
 class Twist(ABC):
@@ -78,3 +78,22 @@ class PotentialTwist(Twist):
 
     def next_token(self, x: Particles) -> Tensor | None:
         return self.potential.token_scores(x)
+
+
+def resolve_twist(twist, potential: Potential | None) -> Twist:
+    """The twist a run asks for: a :class:`Twist` as is, ``"none"``/None, or ``"prefix"``
+    (the potential's own prefix scores, :class:`PotentialTwist`)."""
+    if isinstance(twist, Twist):
+        return twist
+    if twist in (None, "none"):
+        return NoTwist()
+    if twist == "prefix":
+        if potential is None:
+            raise ValueError("twist='prefix' needs a potential to take prefix scores from")
+        if not potential.has_prefix:
+            raise ValueError(
+                f"twist='prefix' but {potential!r} has no prefix scores; use twist='none' or "
+                "a potential with prefix scores (e.g. Regex(..., mode='fullmatch'), TokenMask)"
+            )
+        return PotentialTwist(potential)
+    raise ValueError(f"twist must be 'none', 'prefix' or a Twist instance, got {twist!r}")

@@ -131,7 +131,7 @@ def test_target_with_adapter_on_is_caught(setup):
     runs = 400
     batch = llmsample.prompts.encode_prompts(tok, [p for p in PROMPTS for _ in range(runs)])
     cfg = SMCConfig(num_particles=16, max_new_tokens=T, ess_threshold=0.7, seed=0)
-    twist = llmsample.generate._resolve_twist("prefix", SOFT)
+    twist = llmsample.twists.resolve_twist("prefix", SOFT)
     out = run_smc(
         policy,
         tok,
