@@ -66,6 +66,12 @@ def test_training_drives_exact_kl_down(tmp_path, target, loss):
     assert after < before / 5, (before, after)  # ... and 40 steps close most of the gap
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"train"') == 8
+    # lm_head is a LoRA target and tied to the input embedding: no embedding copy saved
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys and all("lora_" in k for k in keys), keys
 
 
 def test_prompt_conditioned_log_z_learns_per_prompt(tmp_path):

@@ -324,7 +324,11 @@ class GFNTrainer:
         """Save the LoRA adapter (peft format) and log Z to ``out_dir/adapter``."""
         path = Path(path or self.out / "adapter")
         if self.acc.is_main_process:
-            self.acc.unwrap_model(self.policy).save_pretrained(str(path))
+            # only what training changed: with lm_head among the LoRA targets peft would
+            # otherwise add the (frozen, often tied) embedding matrices to the adapter
+            self.acc.unwrap_model(self.policy).save_pretrained(
+                str(path), save_embedding_layers=False
+            )
             torch.save(self.acc.unwrap_model(self.log_z).state_dict(), path / "log_z.pt")
             (path / "gfn_config.json").write_text(
                 json.dumps(dataclasses.asdict(self.cfg), indent=2)
