@@ -90,10 +90,15 @@ def build_model(args):
 
 
 def build_prompt(args, tok, g):
-    """[B, P] prompt ids: random tokens, or a chat prompt when the model has a template."""
+    """[B, P] prompt ids: random tokens (random model), a chat prompt (a chat template) or
+    a text prompt of at most P tokens (a real model without one)."""
     if tok is not None and getattr(tok, "chat_template", None):
         text = "Write one short sentence about a dog, a ball and a park."
         ids = encode_prompts(tok, [text] * args.batch, chat=True).input_ids
+    elif tok is not None:  # a real model without a chat template: a text prompt, cut to P
+        text = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and"
+        one = tok(text, add_special_tokens=False).input_ids[: args.prompt_len]
+        ids = torch.tensor([one] * args.batch)
     else:
         ids = torch.randint(1, args.vocab, (args.batch, args.prompt_len), generator=g)
     return ids.to(args.device), torch.ones_like(ids, device=args.device)

@@ -176,6 +176,7 @@ def test_record_and_report_metrics():
 def test_commongen_grid_on_a_toy_chat_model(toy, tmp_path, monkeypatch):
     model, tok = toy
     task, k = _toy_task(), 4
+    monkeypatch.setattr(M, "ADAPTERS", tmp_path)  # no trained adapter yet (the repo has one)
     grid = M.methods("commongen", samples=k)
     keys = [m.key for m in grid]
     assert keys == [
@@ -253,5 +254,4 @@ def test_commongen_grid_on_a_toy_chat_model(toy, tmp_path, monkeypatch):
     # the GFlowNet rows appear once the task's adapter exists
     (tmp_path / "commongen").mkdir()
     (tmp_path / "commongen" / "adapter_config.json").write_text("{}")
-    monkeypatch.setattr(M, "ADAPTERS", tmp_path)
     assert {"gfn", "smc-gfn"} <= {m.name for m in M.methods("commongen", quick=True)}
