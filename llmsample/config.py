@@ -28,7 +28,15 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["build_parser", "parse_config", "run_recipe"]
+__all__ = ["help_field", "build_parser", "parse_config", "run_recipe"]
+
+
+def help_field(text: str, default):
+    """A dataclass field with a help string (the recipe flags' ``--help``); a list default
+    gets a fresh copy per instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": text})
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 def _parse_bool(text: str) -> bool:

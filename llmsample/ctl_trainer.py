@@ -20,7 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from llmsample.checkpoints import (
     resume_point,
     save_checkpoint,
 )
+from llmsample.config import help_field
 from llmsample.ctl import base_states, ctl_loss, lengths_of
 from llmsample.particles import Particles
 from llmsample.potentials import PerPrompt, Potential
@@ -67,46 +68,50 @@ class _Memo(Potential):
         return torch.tensor([self.memo[k] for k in keys], dtype=torch.float64, device=x.device)
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class CTLConfig:
     """Knobs of :class:`CTLTrainer` (validated on construction)."""
 
-    steps: int = _help("optimizer steps", 300)
-    prompts_per_step: int = _help("prompts per step", 2)
-    num_particles: int = _help("positives: SMC particles (or IS draws) per prompt per step", 64)
-    num_negatives: int = _help("negatives: draws per prompt per step", 128)
-    negatives: str = _help(
+    steps: int = help_field("optimizer steps", 300)
+    prompts_per_step: int = help_field("prompts per step", 2)
+    num_particles: int = help_field(
+        "positives: SMC particles (or IS draws) per prompt per step", 64
+    )
+    num_negatives: int = help_field("negatives: draws per prompt per step", 128)
+    negatives: str = help_field(
         "twisted: draws from q ∝ p·psi (covers where psi is large: self-correcting) | "
         "base: ancestral draws from p | sampled: draws from p, scored at their sampled "
         "token only and pooled with the positives (a bounded loss; one potential call per "
         "draw instead of one per draw and step)",
         "twisted",
     )
-    positives: str = _help(
+    positives: str = help_field(
         "smc (SMC with the current twist) | importance (no resampling) | given (the exact "
         "posterior sample passed per prompt as references=, e.g. joint_infill_samples)",
         "smc",
     )
-    proposal: str = _help("proposal of the positive runs: base (p) | optimal (q ∝ p·psi)", "base")
-    ess_threshold: float = _help("resampling threshold of the positive SMC runs", 0.5)
-    max_new_tokens: int = _help("T: continuations end at EOS or after T tokens", 32)
-    lr: float = _help("AdamW learning rate of the head", 3e-3)
-    lr_schedule: str = _help("constant | cosine (decays to 0 at the last step)", "cosine")
-    weight_decay: float = _help("AdamW weight decay of the head", 0.0)
-    max_grad_norm: float = _help("gradient clipping norm (0 = off)", 1.0)
-    seed: int = _help("seed of prompt choice and sampling", 0)
-    out_dir: str = _help("checkpoints, metrics.jsonl and twist_head.pt go here", "out/twist_ctl")
-    save_every: int = _help("checkpoint every this many steps (0 = only at the end)", 50)
-    keep_checkpoints: int = _help("checkpoints kept on disk", 2)
-    log_every: int = _help("log training metrics every this many steps", 10)
-    eval_every: int = _help("run the evaluation callback every this many steps (0 = end)", 0)
-    max_minutes: float = _help("stop (with a checkpoint) after this wall time (0 = no limit)", 0.0)
-    progress: bool = _help("show a progress bar", True)
-    overwrite: bool = _help(
+    proposal: str = help_field(
+        "proposal of the positive runs: base (p) | optimal (q ∝ p·psi)", "base"
+    )
+    ess_threshold: float = help_field("resampling threshold of the positive SMC runs", 0.5)
+    max_new_tokens: int = help_field("T: continuations end at EOS or after T tokens", 32)
+    lr: float = help_field("AdamW learning rate of the head", 3e-3)
+    lr_schedule: str = help_field("constant | cosine (decays to 0 at the last step)", "cosine")
+    weight_decay: float = help_field("AdamW weight decay of the head", 0.0)
+    max_grad_norm: float = help_field("gradient clipping norm (0 = off)", 1.0)
+    seed: int = help_field("seed of prompt choice and sampling", 0)
+    out_dir: str = help_field(
+        "checkpoints, metrics.jsonl and twist_head.pt go here", "out/twist_ctl"
+    )
+    save_every: int = help_field("checkpoint every this many steps (0 = only at the end)", 50)
+    keep_checkpoints: int = help_field("checkpoints kept on disk", 2)
+    log_every: int = help_field("log training metrics every this many steps", 10)
+    eval_every: int = help_field("run the evaluation callback every this many steps (0 = end)", 0)
+    max_minutes: float = help_field(
+        "stop (with a checkpoint) after this wall time (0 = no limit)", 0.0
+    )
+    progress: bool = help_field("show a progress bar", True)
+    overwrite: bool = help_field(
         "start fresh: delete out_dir's checkpoints and metrics.jsonl instead of resuming", False
     )
 

@@ -50,11 +50,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from llmsample.config import help_field
 from llmsample.lm import LMSession, context_length, vocab_size
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
@@ -67,29 +68,25 @@ from llmsample.twists import NoTwist, Twist
 __all__ = ["SMCConfig", "run_smc"]
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class SMCConfig:
     """Knobs of the SMC engine (validated on construction)."""
 
-    num_particles: int = _help("particles N per prompt", 16)
-    max_new_tokens: int = _help("T: a continuation ends at EOS or after T tokens", 32)
-    resampling: str = _help("multinomial | stratified | systematic | residual", "systematic")
-    ess_threshold: float = _help(
+    num_particles: int = help_field("particles N per prompt", 16)
+    max_new_tokens: int = help_field("T: a continuation ends at EOS or after T tokens", 32)
+    resampling: str = help_field("multinomial | stratified | systematic | residual", "systematic")
+    ess_threshold: float = help_field(
         "resample a prompt's running particles when their ESS / their count < this (finished "
         "particles keep their weights); 0 never resamples (importance sampling), values > 1 "
         "resample at every step",
         0.5,
     )
-    seed: int | None = _help("seed for proposals and resampling; None uses torch's RNG", None)
-    reweight: bool = _help(
+    seed: int | None = help_field("seed for proposals and resampling; None uses torch's RNG", None)
+    reweight: bool = help_field(
         "False returns plain draws from the proposal (uniform weights, no log Z)", True
     )
-    progress: bool = _help("show a progress bar over decoding steps", False)
-    stop_guard: bool = _help(
+    progress: bool = help_field("show a progress bar over decoding steps", False)
+    stop_guard: bool = help_field(
         "never propose EOS where the potential rejects the reply as it stands (phi = 0): "
         "sigma has no mass there, so the weights stay exact; costs one potential.complete "
         "call per step, so meant for cheap hard constraints",

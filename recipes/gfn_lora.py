@@ -24,7 +24,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,30 +34,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gfn_tasks import TASKS, build_task  # noqa: E402
 
 from llmsample.checkpoints import check_resume, signal_stop  # noqa: E402
-from llmsample.config import run_recipe  # noqa: E402
+from llmsample.config import help_field, run_recipe  # noqa: E402
 from llmsample.gfn import GFNConfig, GFNTrainer, add_lora  # noqa: E402
 from llmsample.provenance import provenance  # noqa: E402
 
 
-def _help(text, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class GFNRecipeConfig(GFNConfig):
-    task: str = _help(f"one of {', '.join(TASKS)}", "exact")
-    model: str = _help(
+    task: str = help_field(f"one of {', '.join(TASKS)}", "exact")
+    model: str = help_field(
         "base model for line-infill/keywords (embedded name, folder, hub id)", "shakespeare-tiny"
     )
-    device: str = _help("cpu | cuda", "cpu")
-    num_threads: int = _help("torch.set_num_threads (0 = torch default)", 0)
-    num_prompts: int = _help("line-infill/keywords: prompts drawn from the held-out plays", 50)
-    task_seed: int = _help("line-infill/keywords: seed of the prompt draw (evals use 0)", 0)
-    eval_prompts: int = _help("line-infill/keywords: prompts in the periodic evaluation", 8)
-    eval_samples: int = _help("line-infill/keywords: policy samples per evaluated prompt", 32)
-    miss_penalty: float = _help("keywords: log phi = -miss_penalty * (missing words)", 4.0)
-    invalid_log_reward: float = _help("uniform-number: log R of an invalid sequence", -10.0)
-    coverage_beta: float = _help("commongen: log phi = coverage_beta * (coverage - 1)", 8.0)
+    device: str = help_field("cpu | cuda", "cpu")
+    num_threads: int = help_field("torch.set_num_threads (0 = torch default)", 0)
+    num_prompts: int = help_field("line-infill/keywords: prompts drawn from the held-out plays", 50)
+    task_seed: int = help_field("line-infill/keywords: seed of the prompt draw (evals use 0)", 0)
+    eval_prompts: int = help_field("line-infill/keywords: prompts in the periodic evaluation", 8)
+    eval_samples: int = help_field("line-infill/keywords: policy samples per evaluated prompt", 32)
+    miss_penalty: float = help_field("keywords: log phi = -miss_penalty * (missing words)", 4.0)
+    invalid_log_reward: float = help_field("uniform-number: log R of an invalid sequence", -10.0)
+    coverage_beta: float = help_field("commongen: log phi = coverage_beta * (coverage - 1)", 8.0)
 
     RESUMABLE_FIELDS = (*GFNConfig.RESUMABLE_FIELDS, "num_threads")
 

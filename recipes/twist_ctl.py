@@ -49,13 +49,13 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmsample.checkpoints import check_resume, signal_stop
-from llmsample.config import run_recipe
+from llmsample.config import help_field, run_recipe
 from llmsample.ctl_trainer import CTLConfig, train_ctl
 from llmsample.exact import TOY_EOS, ExactTarget, enumerate_target, toy_model, toy_tokenizer
 from llmsample.generate import smc_generate
@@ -70,26 +70,26 @@ from llmsample.twists import Twist
 TASKS = ("exact", "line-infill")
 
 
-def _help(text, default):
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class TwistCTLRecipeConfig(CTLConfig):
-    task: str = _help(f"one of {', '.join(TASKS)}", "exact")
-    head_width: int = _help("hidden units of the twist head's MLP (0 = linear head)", 128)
-    tied_head: bool = _help(
+    task: str = help_field(f"one of {', '.join(TASKS)}", "exact")
+    head_width: int = help_field("hidden units of the twist head's MLP (0 = linear head)", 128)
+    tied_head: bool = help_field(
         "score tokens through the LM's frozen output embeddings (TwistHead.tied)", False
     )
-    num_threads: int = _help("torch.set_num_threads (0 = torch default)", 0)
-    eval_particles: int = _help("N of the Var(log Z_hat) comparison", 16)
-    eval_seeds: int = _help("seeds (independent SMC runs) of the Var(log Z_hat) comparison", 20)
-    tv_particles: int = _help("N of the TV-to-sigma runs (0 skips them)", 4096)
-    tv_seeds: int = _help("seeds (runs) of each TV-to-sigma check", 5)
-    model: str = _help("line-infill: the base model (name or path)", "shakespeare-tiny")
-    num_problems: int = _help("line-infill: synthetic training problems", 2000)
-    suffix_tokens: int = _help("line-infill: tokens of each sampled suffix", 12)
-    eval_problems: int = _help("line-infill: held-out synthetic problems of the evaluation", 64)
+    num_threads: int = help_field("torch.set_num_threads (0 = torch default)", 0)
+    eval_particles: int = help_field("N of the Var(log Z_hat) comparison", 16)
+    eval_seeds: int = help_field(
+        "seeds (independent SMC runs) of the Var(log Z_hat) comparison", 20
+    )
+    tv_particles: int = help_field("N of the TV-to-sigma runs (0 skips them)", 4096)
+    tv_seeds: int = help_field("seeds (runs) of each TV-to-sigma check", 5)
+    model: str = help_field("line-infill: the base model (name or path)", "shakespeare-tiny")
+    num_problems: int = help_field("line-infill: synthetic training problems", 2000)
+    suffix_tokens: int = help_field("line-infill: tokens of each sampled suffix", 12)
+    eval_problems: int = help_field(
+        "line-infill: held-out synthetic problems of the evaluation", 64
+    )
 
     # tv_*: the post-training TV checks only (never seen during training)
     RESUMABLE_FIELDS = (*CTLConfig.RESUMABLE_FIELDS, "num_threads", "tv_particles", "tv_seeds")

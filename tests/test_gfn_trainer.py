@@ -164,6 +164,9 @@ def test_refuses_bad_input(tmp_path):
         (dict(temperature_min=0.0), "temperature_min"),
         (dict(steps=0), "steps"),
         (dict(mixed_precision="fp8"), "mixed_precision"),
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm must be >= 0"),
+        (dict(max_minutes=-1.0), "max_minutes must be >= 0"),
     ],
 )
 def test_config_validation(bad, match):

@@ -8,80 +8,90 @@ YAML files and command-line flags map onto it through :func:`llmsample.config.pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from llmsample.config import help_field
 
 __all__ = ["GFNConfig", "LOSSES"]
 
 LOSSES = ("tb", "vargrad", "subtb")
 
 
-def _help(text: str, default):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class GFNConfig:
     # objective
-    loss: str = _help("tb (trajectory balance) | vargrad | subtb (modified sub-TB)", "tb")
-    log_z: str = _help(
+    loss: str = help_field("tb (trajectory balance) | vargrad | subtb (modified sub-TB)", "tb")
+    log_z: str = help_field(
         "tb only: 'scalar' log Z, or 'prompt' (a linear head on the prompt)", "scalar"
     )
-    subtb_lambda: float = _help("subtb: weight lambda^(j-i) of a sub-trajectory i..j", 1.0)
+    subtb_lambda: float = help_field("subtb: weight lambda^(j-i) of a sub-trajectory i..j", 1.0)
     # reward
-    base_in_reward: bool = _help(
+    base_in_reward: bool = help_field(
         "log R = log p_base + log phi (True: sigma ∝ p_base phi) or log phi alone (False)", True
     )
-    reward_temperature_start: float = _help("reward is R^(1/tau); tau at step 0", 1.0)
-    reward_temperature_end: float = _help("tau after the schedule (1 = the true posterior)", 1.0)
-    reward_temperature_steps: int = _help("steps of linear tau annealing (0 = constant end)", 0)
+    reward_temperature_start: float = help_field("reward is R^(1/tau); tau at step 0", 1.0)
+    reward_temperature_end: float = help_field(
+        "tau after the schedule (1 = the true posterior)", 1.0
+    )
+    reward_temperature_steps: int = help_field(
+        "steps of linear tau annealing (0 = constant end)", 0
+    )
     # batch and optimization
-    steps: int = _help("optimizer steps", 200)
-    prompts_per_step: int = _help("prompts per micro-batch", 1)
-    samples_per_prompt: int = _help("K sequences per prompt per micro-batch", 16)
-    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", 1)
-    max_new_tokens: int = _help("T: sequences end at a stop token or after T tokens", 16)
-    chat: bool = _help(
+    steps: int = help_field("optimizer steps", 200)
+    prompts_per_step: int = help_field("prompts per micro-batch", 1)
+    samples_per_prompt: int = help_field("K sequences per prompt per micro-batch", 16)
+    gradient_accumulation_steps: int = help_field("micro-batches per optimizer step", 1)
+    max_new_tokens: int = help_field("T: sequences end at a stop token or after T tokens", 16)
+    chat: bool = help_field(
         "prompts are user messages: encode them with the tokenizer's chat template", False
     )
-    lr: float = _help("learning rate of the LoRA weights", 1e-3)
-    log_z_lr: float = _help("learning rate of log Z (scalar or head)", 0.1)
-    weight_decay: float = _help("AdamW weight decay of the LoRA weights", 0.0)
-    max_grad_norm: float = _help("gradient clipping norm (0 = off)", 1.0)
-    warmup_steps: int = _help("linear learning-rate warmup steps", 10)
-    mixed_precision: str = _help("no | bf16 | fp16 (accelerate autocast)", "no")
+    lr: float = help_field("learning rate of the LoRA weights", 1e-3)
+    log_z_lr: float = help_field("learning rate of log Z (scalar or head)", 0.1)
+    weight_decay: float = help_field("AdamW weight decay of the LoRA weights", 0.0)
+    max_grad_norm: float = help_field("gradient clipping norm (0 = off)", 1.0)
+    warmup_steps: int = help_field("linear learning-rate warmup steps", 10)
+    mixed_precision: str = help_field("no | bf16 | fp16 (accelerate autocast)", "no")
     # LoRA
-    lora_rank: int = _help("LoRA rank r", 8)
-    lora_alpha: float = _help("LoRA alpha (scale alpha / r)", 16.0)
-    target_modules: list[str] = _help(
+    lora_rank: int = help_field("LoRA rank r", 8)
+    lora_alpha: float = help_field("LoRA alpha (scale alpha / r)", 16.0)
+    target_modules: list[str] = help_field(
         "modules to adapt; ['all-linear'] = every linear", ["all-linear"]
     )
-    modules_to_save: list[str] = _help(
+    modules_to_save: list[str] = help_field(
         "small modules trained in full beside the LoRA (e.g. the final norm: ['ln_f'] for "
         "GPT-2, ['norm'] for Llama); saved with the adapter",
         [],
     )
     # exploration
-    tempered_fraction: float = _help("fraction of steps that sample at a random temperature", 0.5)
-    temperature_min: float = _help("lowest exploration temperature", 0.7)
-    temperature_max: float = _help("highest exploration temperature", 2.0)
-    epsilon_start: float = _help("epsilon-uniform mixing at step 0", 0.05)
-    epsilon_end: float = _help("epsilon-uniform mixing at the last step (linear)", 0.0)
-    replay_fraction: float = _help("fraction of each prompt's K taken from the replay buffer", 0.25)
-    replay_capacity: int = _help("distinct sequences kept per prompt (top reward)", 512)
-    replay_temperature: float = _help("replay picks x with prob. prop. to R(x)^(1/this)", 1.0)
+    tempered_fraction: float = help_field(
+        "fraction of steps that sample at a random temperature", 0.5
+    )
+    temperature_min: float = help_field("lowest exploration temperature", 0.7)
+    temperature_max: float = help_field("highest exploration temperature", 2.0)
+    epsilon_start: float = help_field("epsilon-uniform mixing at step 0", 0.05)
+    epsilon_end: float = help_field("epsilon-uniform mixing at the last step (linear)", 0.0)
+    replay_fraction: float = help_field(
+        "fraction of each prompt's K taken from the replay buffer", 0.25
+    )
+    replay_capacity: int = help_field("distinct sequences kept per prompt (top reward)", 512)
+    replay_temperature: float = help_field("replay picks x with prob. prop. to R(x)^(1/this)", 1.0)
     # bookkeeping
-    seed: int = _help("seed of sampling, replay and initialization", 0)
-    out_dir: str = _help("checkpoints, metrics.jsonl and the final adapter go here", "out/gfn")
-    save_every: int = _help("checkpoint every this many steps (0 = only at the end)", 50)
-    keep_checkpoints: int = _help("checkpoints kept on disk", 2)
-    log_every: int = _help("log metrics every this many steps", 10)
-    eval_every: int = _help("run the task's evaluation every this many steps (0 = end only)", 50)
-    report_to: str = _help("accelerate trackers: none | all | tensorboard | wandb | ...", "none")
-    max_minutes: float = _help("stop (with a checkpoint) after this wall time (0 = no limit)", 0.0)
-    progress: bool = _help("show a progress bar", True)
-    overwrite: bool = _help(
+    seed: int = help_field("seed of sampling, replay and initialization", 0)
+    out_dir: str = help_field("checkpoints, metrics.jsonl and the final adapter go here", "out/gfn")
+    save_every: int = help_field("checkpoint every this many steps (0 = only at the end)", 50)
+    keep_checkpoints: int = help_field("checkpoints kept on disk", 2)
+    log_every: int = help_field("log metrics every this many steps", 10)
+    eval_every: int = help_field(
+        "run the task's evaluation every this many steps (0 = end only)", 50
+    )
+    report_to: str = help_field(
+        "accelerate trackers: none | all | tensorboard | wandb | ...", "none"
+    )
+    max_minutes: float = help_field(
+        "stop (with a checkpoint) after this wall time (0 = no limit)", 0.0
+    )
+    progress: bool = help_field("show a progress bar", True)
+    overwrite: bool = help_field(
         "start fresh: delete out_dir's checkpoints and metrics.jsonl instead of resuming", False
     )
 
@@ -119,6 +129,9 @@ class GFNConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "max_grad_norm", "max_minutes"):
+            if not getattr(self, name) >= 0:  # NaN fails too
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("save_every", "eval_every", "warmup_steps", "reward_temperature_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -140,8 +153,6 @@ class GFNConfig:
             )
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be >= 1")
-        if self.max_minutes < 0:
-            raise ValueError("max_minutes must be >= 0")
 
     def reward_temperature(self, step: int) -> float:
         """tau at ``step``: linear from start to end over reward_temperature_steps."""
