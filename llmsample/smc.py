@@ -9,7 +9,8 @@ For B prompts with N particles each (rows prompt-major), for t = 1..T:
 2. **Reweight.** log w += log p(x_t) - log q(x_t) + log psi_t(x_<=t) - log psi_{t-1}.
    A row that completes (x_t is EOS, or t = T) uses log phi instead of log psi_t,
    and from then on its tokens and weight are frozen.
-3. **Resample (partial, among running rows only).** Per prompt, let A be its rows
+3. **Resample (partial, among running rows only)**, after every ``resample_every``-th
+   token (default: every token). Per prompt, let A be its rows
    still running. When ESS(w_A) / |A| < ``ess_threshold`` (and some running row has
    positive weight): draw |A| ancestors from A with probabilities proportional to w_i
    using the chosen scheme, copy them into the |A| running slots (KV cache included)
@@ -81,6 +82,12 @@ class SMCConfig:
         "resample at every step",
         0.5,
     )
+    resample_every: int = help_field(
+        "K: resampling is considered only after tokens K, 2K, ... (particles advance K "
+        "tokens between resampling steps; the times are fixed in advance, so the weights "
+        "stay exact)",
+        1,
+    )
     seed: int | None = help_field("seed for proposals and resampling; None uses torch's RNG", None)
     reweight: bool = help_field(
         "False returns plain draws from the proposal (uniform weights, no log Z)", True
@@ -102,6 +109,9 @@ class SMCConfig:
             raise ValueError(
                 f"unknown resampling scheme {self.resampling!r}; choose from {sorted(SCHEMES)}"
             )
+        k = self.resample_every
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"resample_every must be an integer >= 1, got {self.resample_every!r}")
         if not self.ess_threshold >= 0:
             raise ValueError(f"ess_threshold must be >= 0, got {self.ess_threshold}")
 
@@ -299,7 +309,8 @@ def run_smc(
         log_w_run = log_w.masked_fill(~running_bn, -math.inf)  # the resampling pool
         n_run = running_bn.sum(dim=1)  # [B]
         can = torch.isfinite(log_w_run.logsumexp(dim=1))  # some running row has weight > 0
-        need = can & (ess(log_w_run) < cfg.ess_threshold * n_run) & (t < T - 1)
+        at_boundary = (t + 1) % cfg.resample_every == 0  # K tokens between resampling steps
+        need = can & (ess(log_w_run) < cfg.ess_threshold * n_run) & (t < T - 1) & at_boundary
         resampled_trace.append(need)
         any_need, all_done, bad_twist, bad_potential, bad_ref = torch.cat(
             [torch.stack([need.any(), finished.all()]), invalid]

@@ -112,6 +112,12 @@ def test_bad_ess_threshold(gpt2, tok, thr):
         smc_generate(gpt2, tok, ["a"], ess_threshold=thr, **FAST)
 
 
+@pytest.mark.parametrize("k", [0, -2, 1.5, True])
+def test_bad_resample_every(k):
+    with pytest.raises(ValueError, match="resample_every must be an integer >= 1"):
+        SMCConfig(resample_every=k)
+
+
 def test_bad_sampling_knobs(gpt2, tok):
     with pytest.raises(ValueError, match="temperature must be > 0"):
         llmsample.ancestral_generate(gpt2, tok, ["a"], temperature=0.0, max_new_tokens=2)

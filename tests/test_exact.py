@@ -72,6 +72,20 @@ def test_z_hat_unbiased_with_resampling(setup, scheme):
     assert_unbiased(out, targets["soft"], runs)
 
 
+def test_resampling_every_k_tokens_is_unbiased(setup):
+    """Particles advance K = 2 tokens between resampling steps (fixed times, exact weights)."""
+    model, tok, targets = setup
+    runs = 200
+    cfg = llmsample.SMCConfig(
+        num_particles=8, max_new_tokens=T, ess_threshold=2.0, resample_every=2, seed=1
+    )
+    prompts = [p for p in PROMPTS for _ in range(runs)]
+    out = llmsample.smc_generate(model, tok, prompts, potential=SOFT, twist="prefix", config=cfg)
+    steps = out.resampled.any(dim=0).tolist()  # [T]: did any run resample after token t+1
+    assert steps[1] and not steps[0] and not steps[2:].count(True), steps
+    assert_unbiased(out, targets["soft"], runs)
+
+
 @pytest.mark.filterwarnings("ignore:the potential rejected every particle")  # Z_hat = 0 runs
 @pytest.mark.parametrize(
     "proposal", ["base", "tempered", "other_model"], ids=lambda p: f"proposal={p}"
