@@ -94,8 +94,8 @@ import transformers  # noqa: E402
 
 import llmsample  # noqa: E402
 from llmsample.gfn import GFNConfig, add_lora, sample_rollouts, trajectory_balance  # noqa: E402
-from llmsample.lm import cache_kwarg, output_cache, teacher_force  # noqa: E402
-from llmsample.prompts import PromptBatch, encode_prompts  # noqa: E402
+from llmsample.hf.prompts import PromptBatch, encode_prompts  # noqa: E402
+from llmsample.hf.session import cache_kwarg, output_cache, teacher_force  # noqa: E402
 
 MEMORY_GOAL = 0.5  # peak memory ours / reference <= this
 SPEED_GOAL = 1.0  # samples/s ours / reference >= this
@@ -120,7 +120,7 @@ INTRO = (
 
 # ---------------------------------------------------------------------- the two steps
 def _positions(mask):
-    """Position ids from a left-padded attention mask (as ``llmsample.lm`` does)."""
+    """Position ids from a left-padded attention mask (as ``llmsample.hf.session`` does)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
@@ -215,7 +215,7 @@ class Setup:
     def __init__(self, args):
         self.args = args
         if args.model == "toy":
-            from llmsample.exact import toy_model, toy_tokenizer
+            from llmsample.diagnostics.exact import toy_model, toy_tokenizer
 
             model, tok = toy_model("llama"), toy_tokenizer(with_pad=True)
             model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()

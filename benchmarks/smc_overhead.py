@@ -41,9 +41,9 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
 
 import llmsample  # noqa: E402
-from llmsample.lm import vocab_size  # noqa: E402
+from llmsample.hf.prompts import encode_prompts  # noqa: E402
+from llmsample.hf.session import vocab_size  # noqa: E402
 from llmsample.potentials import TokenMask  # noqa: E402
-from llmsample.prompts import encode_prompts  # noqa: E402
 
 GOAL = 1.10
 GOAL_DECODING = 1.05  # generate(custom_generate=smc_decoding) / generate
@@ -110,7 +110,7 @@ def build_potential(kind, args, vocab, g):
         return TokenMask(banned=banned.tolist())
     # a text potential with a prefix twist: every particle's text is decoded and its words
     # lemmatized every step (soft, so a random-weight model never zeroes it)
-    from llmsample.concepts import ConceptCoverage
+    from llmsample.potentials.concepts import ConceptCoverage
 
     return ConceptCoverage("dog", "ball", "park", beta=3.0, as_twist=True)
 

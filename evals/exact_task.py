@@ -2,7 +2,7 @@
 
     python -m evals.run --task exact --out evals/results/exact
 
-Toy GPT-2 over 8 words + EOS (``llmsample.exact.toy_model``), two prompts of different
+Toy GPT-2 over 8 words + EOS (``llmsample.diagnostics.exact.toy_model``), two prompts of different
 lengths, T = 4 (4,681 complete continuations each) and a soft potential
 log phi = count("c") - 0.7 count("a") with prefix scores (so a twist exists). For
 every method and seed: TV of its weighted samples to sigma next to the noise floor
@@ -31,8 +31,8 @@ import torch
 
 import llmsample
 from evals.report import commit_line
-from llmsample.bounds import log_z_bounds
-from llmsample.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
+from llmsample.diagnostics.bounds import log_z_bounds
+from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import FlowTwist, GFNConfig, GFNTrainer, add_lora
 from llmsample.metrics import kl_q_sigma, kl_sigma_q
 from llmsample.potentials import Reward
@@ -148,7 +148,7 @@ def run_exact(out_dir: Path, seeds=(0, 1, 2), quick: bool = False, command: str 
                 out = llmsample.smc_generate(model, tok, PROMPTS, **kw, **extra)
             for b, target in enumerate(targets):
                 lw = out.log_weights[b]
-                ess = int(llmsample.resampling.ess(lw))
+                ess = int(llmsample.smc.resampling.ess(lw))
                 cell["tv"].append(target.tv(_samples(out, b), lw))
                 cell["floor"].append(target.tv_noise_floor(max(ess, 1), q=0.99))
                 if out.log_z is not None:

@@ -8,10 +8,11 @@ plays did not come from the model), so conditional SMC seeded with it bounds not
 Synthetic problems do come with one (Zhao et al. 2024): for the context c of each
 line-infill eval prompt (held-out plays), draw the middle line x ~ p(x | c) and the next
 ``suffix_tokens`` tokens s ~ p(s | c, x) from the model
-(:func:`llmsample.bounds.joint_infill_samples`); x is then an exact draw from
+(:func:`llmsample.diagnostics.bounds.joint_infill_samples`); x is then an exact draw from
 sigma(x | c, s) ∝ p(x | c) p(s | c, x). Over problems, the mean of SMC's log Z_hat is a
 lower bound on the mean log Z(c, s), and the mean of conditional SMC's (seeded with x) an
-upper bound; their gap bounds the sampler's symmetric KL to sigma (``llmsample.bounds``).
+upper bound; their gap bounds the sampler's symmetric KL to sigma
+(``llmsample.diagnostics.bounds``).
 
 **Methods** (the evals' names; resampling multinomial when ESS < N/2):
 
@@ -46,13 +47,13 @@ import torch
 
 import llmsample
 from evals.report import commit_line
-from llmsample.bounds import joint_infill_samples
+from llmsample.ctl.head import LearnedTwist, TwistHead, text_features
+from llmsample.diagnostics.bounds import joint_infill_samples
 from llmsample.generate import smc_generate
 from llmsample.gfn import FlowTwist
+from llmsample.hf.prompts import line_end_ids
 from llmsample.potentials import SuffixLikelihood
-from llmsample.prompts import line_end_ids
 from llmsample.provenance import provenance
-from llmsample.twist_head import LearnedTwist, TwistHead, text_features
 
 __all__ = ["run_bounds", "main", "METHODS", "TWISTS"]
 

@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 
 import llmsample
-from llmsample.lm import score_continuations
+from llmsample.hf.prompts import encode_prompts, line_end_ids
+from llmsample.hf.session import score_continuations
 from llmsample.output import SamplingOutput
-from llmsample.prompts import encode_prompts, line_end_ids
 from llmsample.proposals import LMProposal
 
 __all__ = ["Method", "methods", "draws", "score_texts", "ADAPTERS", "TWISTS", "N_COMMONGEN"]
@@ -177,7 +177,7 @@ def _gfn_is(n):
 
 @lru_cache(maxsize=2)
 def _head(task_name: str):
-    from llmsample.twist_head import TwistHead
+    from llmsample.ctl.head import TwistHead
 
     return TwistHead.load(TWISTS / task_name / "twist_head.pt").eval()
 
@@ -185,7 +185,7 @@ def _head(task_name: str):
 def _smc_learned(n):
     """SMC with the task's learned (CTL) twist; a conditional head reads each prompt's
     suffix (line-infill) through ``text_features``."""
-    from llmsample.twist_head import LearnedTwist, text_features
+    from llmsample.ctl.head import LearnedTwist, text_features
 
     def run(model, tok, task, examples, seed):
         head = _head(task.name)

@@ -148,7 +148,7 @@ def _reference_row(rows: list[dict]) -> dict:
     prompts = {r["prompt_id"]: r for r in rows if r["seed"] == rows[0]["seed"]}
     k = len(rows[0]["samples"])
     groups = [prompts[i]["references"][:k] for i in sorted(prompts)]
-    from llmsample.concepts import covers_all
+    from llmsample.potentials.concepts import covers_all
 
     words = [prompts[i]["words"] for i in sorted(prompts)]
     covered = [covers_all(t, w) for g, w in zip(groups, words) for t in g]

@@ -14,7 +14,7 @@ skipped, so a killed run resumes where it stopped. Then ``evals.report`` writes
 Defaults per task: commongen runs ``smollm2-135m-instruct`` on 100 prompts, seed 0, 4
 draws per prompt; the Shakespeare tasks ``shakespeare-tiny`` on 50 prompts, seeds 0-2,
 8 draws. commongen records per draw also the concept coverage, whether it is one
-sentence (``llmsample.commongen.is_one_sentence``) and its fluency: the base model's
+sentence (``llmsample.data.commongen.is_one_sentence``) and its fluency: the base model's
 mean log-probability per token of the draw (+ EOS) given its chat prompt, teacher
 forced (``evals.methods.score_texts``; not counted in the method's time).
 """
@@ -146,8 +146,8 @@ def _record(task, method, seed, pid, ex, output, b, texts, index, failed, second
     sat = [task.satisfied(ex, t) for t in texts]
     extra = {}
     if task.name == "commongen":
-        from llmsample.commongen import is_one_sentence
-        from llmsample.concepts import coverage
+        from llmsample.data.commongen import is_one_sentence
+        from llmsample.potentials.concepts import coverage
 
         extra = dict(
             coverage=[coverage(t, ex.words) for t in texts],

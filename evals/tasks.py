@@ -5,9 +5,9 @@
   Reference: the real middle line.
 - ``keywords``: write a line that contains 2 or 3 given content words (a hard
   constraint, like CommonGen). References: the held-out lines that contain them.
-- ``commongen``: CommonGen v1.0 dev (``llmsample.commongen``, not Shakespeare): a chat
+- ``commongen``: CommonGen v1.0 dev (``llmsample.data.commongen``, not Shakespeare): a chat
   model is asked for one sentence that uses every concept (any inflection: "stood"
-  covers ``stand_V``); a hard constraint (``llmsample.concepts.Concepts``). References:
+  covers ``stand_V``); a hard constraint (``llmsample.potentials.concepts.Concepts``). References:
   the human sentences. Chat prompts (``Task.chat``): the continuation ends at the
   model's EOS (``<|im_end|>``), not at a line end.
 
@@ -26,8 +26,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from llmsample.data.shakespeare import DEFAULT_HELDOUT, list_plays, load_plays
 from llmsample.potentials import Contains, PerPrompt, Potential, SuffixLikelihood
-from llmsample.shakespeare import DEFAULT_HELDOUT, list_plays, load_plays
 
 __all__ = ["Example", "Task", "build_task", "speeches", "TASKS"]
 
@@ -67,7 +67,7 @@ class Task:
             return SuffixLikelihood(model, tokenizer, [e.suffix for e in examples], as_twist=twist)
         bonus = 2.0 if twist else 0.0
         if self.name == "commongen":
-            from llmsample.concepts import Concepts
+            from llmsample.potentials.concepts import Concepts
 
             return PerPrompt([Concepts(*e.words, prefix_bonus=bonus) for e in examples])
         return PerPrompt([Contains(*e.words, prefix_bonus=bonus) for e in examples])
@@ -75,7 +75,7 @@ class Task:
     def satisfied(self, example: Example, text: str) -> bool | None:
         """Hard-constraint check (keywords, commongen); None for tasks without one."""
         if self.name == "commongen":
-            from llmsample.concepts import covers_all
+            from llmsample.potentials.concepts import covers_all
 
             return bool(covers_all(text, example.words))
         if self.name != "keywords":
@@ -142,7 +142,7 @@ def _keywords(plays: dict[str, str], n: int, rng: random.Random) -> list[Example
 
 
 def _commongen(n: int, rng: random.Random) -> list[Example]:
-    from llmsample.commongen import commongen_prompt, load_commongen
+    from llmsample.data.commongen import commongen_prompt, load_commongen
 
     dev = load_commongen("dev")
     rows = [dev[i] for i in rng.sample(range(len(dev)), min(n, len(dev)))]

@@ -9,17 +9,20 @@ out.texts, out.log_weights, out.log_z, out.ess, out.sample(4)
 """
 
 from llmsample import potentials, proposals, twists
-from llmsample.decoding import importance_decoding, smc_decoding
 from llmsample.generate import (
     ancestral_generate,
     beam_generate,
     importance_generate,
     smc_generate,
 )
-from llmsample.loading import load_model
+from llmsample.hf.decoding import importance_decoding, smc_decoding
+from llmsample.hf.loading import load_model
+from llmsample.moved import install as _install_aliases
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
 from llmsample.smc import SMCConfig
+
+_install_aliases()  # old module paths (llmsample.lm, ...) keep working, with a warning
 
 __all__ = [
     "smc_generate",

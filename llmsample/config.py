@@ -239,11 +239,11 @@ def run_recipe(cls: type, main, description: str | None = None, argv: list[str] 
     """A recipe's ``__main__``: ``sys.exit(run_recipe(Config, main, __doc__))``.
 
     Parses the config (a config error: one line on stderr, status 2), runs
-    ``main(cfg)`` (a :class:`~llmsample.checkpoints.ResumeConflict`: one line, status 2)
+    ``main(cfg)`` (a :class:`~llmsample.train.checkpoints.ResumeConflict`: one line, status 2)
     and reads its summary: a run stopped by SIGINT / SIGTERM (``summary
     ["stopped_by_signal"]``, after its checkpoint) prints one line saying so and how to
     resume and returns 130 / 143. Otherwise 0."""
-    from llmsample.checkpoints import ResumeConflict
+    from llmsample.train.checkpoints import ResumeConflict
 
     prog = Path(sys.argv[0]).name or "recipe"
     try:

@@ -29,13 +29,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from llmsample.lm import vocab_size
+from llmsample.hf.prompts import encode_prompts
+from llmsample.hf.session import vocab_size
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
-from llmsample.potentials import Potential
-from llmsample.prompts import encode_prompts
+from llmsample.potentials.core import Potential
 from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal, Proposal
-from llmsample.smc import SMCConfig, run_smc
+from llmsample.smc.engine import SMCConfig, run_smc
 from llmsample.twists import Twist, resolve_twist
 
 __all__ = ["smc_generate", "importance_generate", "ancestral_generate", "beam_generate"]
@@ -233,7 +233,7 @@ def smc_generate(
     ``reference`` (one complete continuation per prompt, as token ids) runs
     *conditional* SMC: row 0 of each prompt is clamped to it (see ``run_smc``); with an
     exact posterior sample its log Z_hat is an upper bound in expectation
-    (:mod:`llmsample.bounds`).
+    (:mod:`llmsample.diagnostics.bounds`).
 
     ``potential=None`` means phi = 1 (the target is the LM itself). ``twist`` is
     'none', 'prefix' (the potential's prefix scores) or a :class:`Twist`;
@@ -241,7 +241,7 @@ def smc_generate(
     twist scores), a :class:`Proposal`, another causal LM sharing the tokenizer, or
     'adapter' (below). ``stop_guard=True`` keeps the proposal from ending a reply that
     a hard potential would reject as it stands (EOS gets no mass there; the weights stay
-    exact): with a constraint like :class:`~llmsample.concepts.Concepts`, far fewer
+    exact): with a constraint like :class:`~llmsample.potentials.concepts.Concepts`, far fewer
     particles die at EOS.
 
     **LoRA adapters (peft).** A peft model as the proposal, e.g. a GFlowNet-tuned

@@ -24,7 +24,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from llmsample.prompts import PromptBatch
+from llmsample.hf.prompts import PromptBatch
 
 __all__ = ["Particles"]
 

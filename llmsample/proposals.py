@@ -6,7 +6,7 @@ from it and uses ``log q`` of the sampled token in the weights, so truncation
 
 - :class:`LMProposal`: the base LM itself, optionally tempered/top-k/top-p, and
   optionally reshaped by a per-step ``logits_hook`` (e.g. transformers logits processors:
-  :mod:`llmsample.decoding`); log q is the normalized hooked distribution, so exact.
+  :mod:`llmsample.hf.decoding`); log q is the normalized hooked distribution, so exact.
 - :class:`ModelProposal`: another causal LM that shares the tokenizer (e.g. a
   GFlowNet-tuned adapter), with its own KV cache kept in step with the particles.
 - :class:`LocallyOptimal`: q ∝ p · psi_t(x_<t, v) over all v at once, from a twist
@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from llmsample.lm import LMSession, vocab_size
+from llmsample.hf.prompts import PromptBatch
+from llmsample.hf.session import LMSession, vocab_size
 from llmsample.particles import Particles
-from llmsample.prompts import PromptBatch
 
 __all__ = ["Proposal", "LMProposal", "ModelProposal", "LocallyOptimal", "truncate", "LogitsHook"]
 

@@ -13,7 +13,7 @@ potential's own prefix scores). A learned twist subclasses :class:`Twist`: it ma
 per-row state (e.g. its own KV cache) through ``start``/``advance``/``reorder``,
 which the engine calls exactly as for the base model's cache, and find the state of
 the rows it is asked about by their numbers ``x.rows``, as
-:class:`~llmsample.twist_head.LearnedTwist` does (a head trained by :mod:`llmsample.ctl`).
+:class:`~llmsample.ctl.head.LearnedTwist` does (a head trained by :mod:`llmsample.ctl`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from llmsample.hf.prompts import PromptBatch
 from llmsample.particles import Particles
-from llmsample.potentials import Potential
-from llmsample.prompts import PromptBatch
+from llmsample.potentials.core import Potential
 
 __all__ = ["Twist", "NoTwist", "PotentialTwist", "resolve_twist"]
 

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gfn_tasks import TASKS, build_task  # noqa: E402
 
-from llmsample.checkpoints import check_resume, signal_stop  # noqa: E402
 from llmsample.config import help_field, run_recipe  # noqa: E402
 from llmsample.gfn import GFNConfig, GFNTrainer, add_lora  # noqa: E402
 from llmsample.provenance import provenance  # noqa: E402
+from llmsample.train.checkpoints import check_resume, signal_stop  # noqa: E402
 
 
 @dataclass
@@ -71,7 +71,7 @@ class GFNRecipeConfig(GFNConfig):
 
 def main(cfg: GFNRecipeConfig) -> dict:
     """Train and evaluate; returns the summary (also written to ``<out_dir>/summary.json``).
-    Raises :class:`llmsample.checkpoints.ResumeConflict` before any work if ``out_dir``
+    Raises :class:`llmsample.train.checkpoints.ResumeConflict` before any work if ``out_dir``
     holds a checkpoint of a run with other settings."""
     out = Path(cfg.out_dir)
     check_resume(out, cfg)  # refuse early: the task may take a while to build

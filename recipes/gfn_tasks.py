@@ -13,7 +13,7 @@
   exp(-miss_penalty * missing words) (keywords, a softened constraint; SMC with the
   policy as proposal still uses the hard one). The evaluation samples the policy:
   ESS of R/q, an importance estimate of log Z, the ELBO and the unique fraction.
-- ``commongen``: CommonGen *training* concept sets (``llmsample.commongen``; the evals
+- ``commongen``: CommonGen *training* concept sets (``llmsample.data.commongen``; the evals
   score the dev sets) as chat prompts to ``cfg.model`` (SmolLM2-135M-Instruct in
   ``gfn_commongen.yaml``), ending at the chat template's end of turn. The reward is
   p_base(x|c) * exp(coverage_beta * (coverage - 1)): a soft coverage (a hard 0/1 gives
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from llmsample.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
+from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import BaseView, policy_diagnostics
 from llmsample.potentials import Potential, Reward
 
@@ -133,8 +133,8 @@ def _evals_task(cfg):
 
 def lm_task(cfg) -> GFNTask:
     import llmsample
+    from llmsample.hf.prompts import line_end_ids
     from llmsample.potentials import PerPrompt, SuffixLikelihood
-    from llmsample.prompts import line_end_ids
 
     model, tok = llmsample.load_model(cfg.model, device=cfg.device)
     task = _evals_task(cfg)
@@ -171,9 +171,9 @@ def commongen_task(cfg) -> GFNTask:
     import random
 
     import llmsample
-    from llmsample.commongen import commongen_prompt, load_commongen
-    from llmsample.concepts import ConceptCoverage
+    from llmsample.data.commongen import commongen_prompt, load_commongen
     from llmsample.potentials import PerPrompt
+    from llmsample.potentials.concepts import ConceptCoverage
 
     model, tok = llmsample.load_model(cfg.model, device=cfg.device)
     train = load_commongen("train")

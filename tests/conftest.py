@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random-config causal LMs over a 9-token vocabulary.
 
 Token ids 0..7 are the words "a".."h" and 8 is "<eos>" (EOS and BOS). Models are
-built from configs (never downloaded) with fixed seeds by ``llmsample.exact.toy_model``;
+built from configs (never downloaded) with fixed seeds by ``llmsample.diagnostics.exact.toy_model``;
 the logits are sharpened by a larger init so the targets are far from uniform.
 """
 
@@ -18,9 +18,9 @@ import torch  # noqa: E402
 _threads = os.environ["OMP_NUM_THREADS"]
 torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else 1)
 
-from llmsample.exact import TOY_EOS as EOS  # noqa: E402
-from llmsample.exact import toy_model as make_model  # noqa: E402
-from llmsample.exact import toy_tokenizer as make_tokenizer  # noqa: E402
+from llmsample.diagnostics.exact import TOY_EOS as EOS  # noqa: E402
+from llmsample.diagnostics.exact import toy_model as make_model  # noqa: E402
+from llmsample.diagnostics.exact import toy_tokenizer as make_tokenizer  # noqa: E402
 
 VOCAB = 9
 __all__ = ["EOS", "VOCAB", "CHAT_WORDS", "make_model", "make_tokenizer", "make_chat_tokenizer"]

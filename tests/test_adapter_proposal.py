@@ -17,7 +17,7 @@ import torch
 from conftest import EOS, make_model, make_tokenizer
 
 import llmsample
-from llmsample.exact import enumerate_target
+from llmsample.diagnostics.exact import enumerate_target
 from llmsample.generate import _resolve_proposal
 from llmsample.gfn import GFNConfig, add_lora
 from llmsample.potentials import Reward
@@ -129,7 +129,7 @@ def test_target_with_adapter_on_is_caught(setup):
     (what calling the wrapped base model does) estimates Z_policy and fails the check."""
     _, policy, tok, exact_base, exact_policy = setup
     runs = 400
-    batch = llmsample.prompts.encode_prompts(tok, [p for p in PROMPTS for _ in range(runs)])
+    batch = llmsample.hf.prompts.encode_prompts(tok, [p for p in PROMPTS for _ in range(runs)])
     cfg = SMCConfig(num_particles=16, max_new_tokens=T, ess_threshold=0.7, seed=0)
     twist = llmsample.twists.resolve_twist("prefix", SOFT)
     out = run_smc(
@@ -190,7 +190,7 @@ def test_weighted_particles_match_the_base_posterior(setup):
     for b, (target, bad) in enumerate(zip(targets, wrong)):
         rows = out.continuations[b].tolist()
         samples = [tuple(r[: r.index(EOS) + 1] if EOS in r else r) for r in rows]
-        m = int(llmsample.resampling.ess(out.log_weights[b]))
+        m = int(llmsample.smc.resampling.ess(out.log_weights[b]))
         floor = target.tv_noise_floor(m, q=0.99)
         assert target.tv(samples, out.log_weights[b]) < floor
         assert target.tv(samples) > floor  # unweighted draws: caught

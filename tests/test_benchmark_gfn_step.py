@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmsample.exact import TOY_EOS, toy_model, toy_tokenizer
+from llmsample.diagnostics.exact import TOY_EOS, toy_model, toy_tokenizer
 from llmsample.gfn import GFNConfig, add_lora, sample_rollouts, trajectory_balance
-from llmsample.lm import teacher_force
-from llmsample.prompts import encode_prompts
+from llmsample.hf.prompts import encode_prompts
+from llmsample.hf.session import teacher_force
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gfn_step.py"

@@ -1,4 +1,4 @@
-"""Bidirectional bounds on log Z (llmsample.bounds) against brute-force enumeration.
+"""Bidirectional bounds on log Z (llmsample.diagnostics.bounds) against brute-force enumeration.
 
 Lower: plain SMC, E[log Z_hat] <= log Z. Upper: conditional SMC with row 0 clamped to an
 exact posterior sample, E[log Z_hat] >= log Z. Many independent runs come from repeating
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import EOS, make_model, make_tokenizer
 
-from llmsample.bounds import (
+from llmsample.diagnostics.bounds import (
     LogZBounds,
     joint_infill_samples,
     log_z_bounds,
@@ -20,12 +20,13 @@ from llmsample.bounds import (
     log_z_lower,
     log_z_upper,
 )
-from llmsample.exact import enumerate_target
+from llmsample.diagnostics.exact import enumerate_target
+from llmsample.hf.prompts import encode_prompts
 from llmsample.metrics import bound_gap
 from llmsample.potentials import Contains, Reward, SuffixLikelihood
-from llmsample.prompts import encode_prompts
 from llmsample.proposals import LocallyOptimal
-from llmsample.smc import SMCConfig, _conditional_multinomial, run_smc
+from llmsample.smc import SMCConfig, run_smc
+from llmsample.smc.engine import _conditional_multinomial
 from llmsample.twists import PotentialTwist, Twist
 
 PROMPT = "a b"

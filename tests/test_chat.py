@@ -5,9 +5,9 @@ import torch
 from conftest import CHAT_WORDS, make_chat_tokenizer
 
 import llmsample
-from llmsample.exact import toy_model, toy_tokenizer
+from llmsample.diagnostics.exact import toy_model, toy_tokenizer
+from llmsample.hf.prompts import chat_prompt_texts, encode_prompts
 from llmsample.potentials import Potential
-from llmsample.prompts import chat_prompt_texts, encode_prompts
 
 WORDS = ["a", "b", "c", "d", *CHAT_WORDS]
 EOS = len(WORDS)  # "<eos>": EOS, BOS and the end-of-turn token

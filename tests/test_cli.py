@@ -11,7 +11,7 @@ import torch
 
 import llmsample
 from llmsample.cli import main
-from llmsample.prompts import line_end_ids
+from llmsample.hf.prompts import line_end_ids
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_cli_chat_and_threads_flags_are_checked(capsys):
 def test_cli_demo_on_the_chat_model_uses_commongen_concepts(capsys):
     """The real chat model: prompts go through its chat template (auto --chat) and every
     SMC posterior draw uses all the concepts of its CommonGen set."""
-    from llmsample.concepts import covers_all
+    from llmsample.potentials.concepts import covers_all
 
     argv = ["demo", "--model", "smollm2-135m-instruct", "--particles", "8", "--json"]
     code, out, err = run_cli(capsys, *argv)
@@ -258,7 +258,7 @@ def test_cli_demo_on_the_chat_model_uses_commongen_concepts(capsys):
 def test_cli_concept_flag_weights_by_inflected_concepts(capsys):
     """--concept uses the lemma-based Concepts potential with its twist: every sample with
     weight > 0 uses each concept in some form, and a bad bonus is a usage error."""
-    from llmsample.concepts import covers_all
+    from llmsample.potentials.concepts import covers_all
 
     argv = ["generate", "ROMEO:\\n", "--concept", "love", "--line", "--particles", "32"]
     code, out, err = run_cli(capsys, *argv, "--max-new-tokens", "16", "--show", "32", "--json")

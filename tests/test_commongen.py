@@ -17,13 +17,13 @@ from evals import methods as M  # noqa: E402
 from evals import report  # noqa: E402
 from evals.run import _record  # noqa: E402
 from evals.tasks import Example, Task, build_task  # noqa: E402
-from llmsample.commongen import (  # noqa: E402
+from llmsample.data.commongen import (  # noqa: E402
     commongen_prompt,
     concept_words,
     is_one_sentence,
     load_commongen,
 )
-from llmsample.exact import toy_model  # noqa: E402
+from llmsample.diagnostics.exact import toy_model  # noqa: E402
 from llmsample.output import SamplingOutput  # noqa: E402
 
 FIRST_DEV = {

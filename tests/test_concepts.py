@@ -1,4 +1,4 @@
-"""Concept coverage (llmsample.concepts): exact text semantics on hand-written sentences,
+"""Concept coverage (llmsample.potentials.concepts): exact text semantics on hand-written sentences,
 prefix scores, validation, per-prompt batching, CommonGen's human references, and one
 SMC run on the embedded model.
 
@@ -16,7 +16,9 @@ from conftest import make_tokenizer
 
 import llmsample
 from llmsample import Particles
-from llmsample.concepts import (
+from llmsample.hf.prompts import encode_prompts
+from llmsample.potentials import Contains, PerPrompt
+from llmsample.potentials.concepts import (
     Concept,
     ConceptCoverage,
     Concepts,
@@ -25,8 +27,6 @@ from llmsample.concepts import (
     covers_all,
     parse_concept_set,
 )
-from llmsample.potentials import Contains, PerPrompt
-from llmsample.prompts import encode_prompts
 
 NINF = -math.inf
 PROMPTS = encode_prompts(make_tokenizer(), ["a", "b"])
@@ -258,7 +258,7 @@ def test_product_with_contains():
 
 def _commongen_dev() -> Path:
     for folder in (
-        Path(llmsample.__file__).parent / "data" / "commongen",
+        Path(llmsample.__file__).parent / "data" / "files" / "commongen",
         Path(__file__).resolve().parents[2] / "shared" / "data" / "commongen",
     ):
         if (folder / "commongen.dev.jsonl").exists():

@@ -27,10 +27,10 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutput
 
 import llmsample
-from llmsample.exact import ExactTarget, enumerate_target
+from llmsample.diagnostics.exact import ExactTarget, enumerate_target
+from llmsample.hf.prompts import encode_prompts
 from llmsample.particles import Particles
 from llmsample.potentials import Contains, Reward, TokenMask
-from llmsample.prompts import encode_prompts
 from llmsample.proposals import LMProposal
 
 PROMPTS = ["a b", "c d e f"]  # ids [0, 1] and [2, 3, 4, 5]: left padding in every batch
@@ -220,7 +220,7 @@ def test_proposal_is_generates_sampling_distribution(tok):
     assert not out.sampling.resampled.any()
     particles = [continuation(r) for r in out.particles[0, :, 2:].tolist()]
     assert q.tv(particles) < floor
-    m = int(llmsample.resampling.ess(out.log_weights[0]))
+    m = int(llmsample.smc.resampling.ess(out.log_weights[0]))
     assert target.tv(particles, out.log_weights[0]) < target.tv_noise_floor(m)
     assert target.tv(particles) > target.tv_noise_floor(M)  # the weights matter
 

@@ -6,7 +6,7 @@ import torch
 from conftest import EOS, make_model, make_tokenizer
 
 import llmsample
-from llmsample.exact import enumerate_target
+from llmsample.diagnostics.exact import enumerate_target
 from llmsample.potentials import Contains
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

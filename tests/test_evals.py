@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 from evals import report  # noqa: E402
 from evals.run import main  # noqa: E402
 from evals.tasks import build_task, speeches  # noqa: E402
-from llmsample.shakespeare import DEFAULT_HELDOUT, load_plays  # noqa: E402
+from llmsample.data.shakespeare import DEFAULT_HELDOUT, load_plays  # noqa: E402
 
 
 def test_tasks_come_from_heldout_plays_only():

@@ -12,7 +12,7 @@ import torch
 from conftest import EOS, make_model, make_tokenizer
 
 import llmsample
-from llmsample.exact import enumerate_target
+from llmsample.diagnostics.exact import enumerate_target
 from llmsample.potentials import Contains, Reward, TokenMask
 from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal
 from llmsample.twists import Twist
@@ -208,7 +208,7 @@ def test_weighted_particles_match_posterior_within_noise_floor(setup):
     for b, p in enumerate(PROMPTS):
         target = enumerate_target(model, tok, p, SOFT, t3, EOS)
         samples = continuations(out, b)
-        m = int(llmsample.resampling.ess(out.log_weights[b]))
+        m = int(llmsample.smc.resampling.ess(out.log_weights[b]))
         floor = target.tv_noise_floor(m, q=0.99)
         assert target.tv(samples, out.log_weights[b]) < floor
         assert target.tv(samples) > floor  # unweighted: wrong distribution, caught

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import llmsample
-from llmsample.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
+from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import BaseView, GFNConfig, GFNTrainer, add_lora
 from llmsample.gfn.flow_twist import FlowTwist, flow_log_psi
+from llmsample.hf.prompts import encode_prompts
 from llmsample.particles import Particles
 from llmsample.potentials import Reward
-from llmsample.prompts import encode_prompts
 
 T = 3
 PROMPT = "a b"

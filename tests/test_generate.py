@@ -91,13 +91,13 @@ def test_single_string_prompt(gpt2, tok):
 def test_output_shapes_and_normalization(gpt2, tok, monkeypatch):
     B, N, T = 2, 6, 7
     pools = []  # log weights handed to the resampler: [prompts, their running rows]
-    real = llmsample.smc.resample
+    real = llmsample.smc.engine.resample
 
     def spy(log_w, scheme, generator):
         pools.append(log_w.clone())
         return real(log_w, scheme, generator)
 
-    monkeypatch.setattr(llmsample.smc, "resample", spy)
+    monkeypatch.setattr(llmsample.smc.engine, "resample", spy)
     out = smc_generate(
         gpt2,
         tok,
@@ -130,7 +130,7 @@ def test_output_shapes_and_normalization(gpt2, tok, monkeypatch):
     assert sum(pool.shape[0] for pool in pools) == int(out.resampled.sum())
     for pool in pools:
         n = pool.shape[1]
-        assert 1 <= n <= N and (llmsample.resampling.ess(pool) < 0.9 * n).all()
+        assert 1 <= n <= N and (llmsample.smc.resampling.ess(pool) < 0.9 * n).all()
     assert any(pool.shape[1] < N for pool in pools)  # some resampling left finished rows out
     assert not out.resampled[:, -1].any()
     assert out.resampling_steps == [torch.nonzero(r).flatten().tolist() for r in out.resampled]

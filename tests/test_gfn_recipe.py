@@ -56,7 +56,7 @@ def test_commongen_recipe_on_a_chat_model_resumes_after_a_kill(tmp_path, monkeyp
     from conftest import CHAT_WORDS, make_chat_tokenizer
     from safetensors.torch import load_file
 
-    from llmsample.exact import toy_model
+    from llmsample.diagnostics.exact import toy_model
 
     words = ["dog", "ball", "park", "throw", "a", "the", *CHAT_WORDS]
     folder = tmp_path / "model"

@@ -8,11 +8,11 @@ import signal
 import pytest
 import torch
 
-from llmsample.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
+from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import GFNConfig, GFNTrainer, ReplayBuffer, add_lora, sample_rollouts
-from llmsample.lm import teacher_force
+from llmsample.hf.prompts import encode_prompts
+from llmsample.hf.session import teacher_force
 from llmsample.potentials import Constraint, Reward
-from llmsample.prompts import encode_prompts
 
 T = 3
 PROMPT = "a b"

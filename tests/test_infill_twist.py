@@ -12,9 +12,9 @@ import torch
 
 import llmsample
 from llmsample.config import parse_config
+from llmsample.ctl.head import LearnedTwist, TwistHead, text_features
 from llmsample.generate import smc_generate
 from llmsample.potentials import SuffixLikelihood
-from llmsample.twist_head import LearnedTwist, TwistHead, text_features
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))

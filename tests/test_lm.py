@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from llmsample.lm import LMSession, position_ids, score_continuations, teacher_force
-from llmsample.prompts import encode_prompts
+from llmsample.hf.prompts import encode_prompts
+from llmsample.hf.session import LMSession, position_ids, score_continuations, teacher_force
 
 ATOL = 1e-5
 
@@ -79,7 +79,7 @@ def test_cache_keyword_seen_through_peft_and_base_view(arch):
     import inspect
 
     from llmsample.gfn import BaseView, GFNConfig, add_lora
-    from llmsample.lm import cache_kwarg
+    from llmsample.hf.session import cache_kwarg
 
     model = make_model(arch)
     own = "cache" if "cache" in inspect.signature(type(model).forward).parameters else None

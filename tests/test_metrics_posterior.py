@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmsample.exact import ExactTarget
+from llmsample.diagnostics.exact import ExactTarget
 from llmsample.metrics import (
     ess_summary,
     kl_q_sigma,

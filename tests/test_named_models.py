@@ -16,7 +16,7 @@ import torch
 
 import llmsample
 from llmsample import named_models
-from llmsample.named_models import MARKER, NAMED, NamedModel, NamedModelError
+from llmsample.hf.named_models import MARKER, NAMED, NamedModel, NamedModelError
 
 gguf = pytest.importorskip("gguf")
 

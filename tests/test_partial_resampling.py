@@ -13,7 +13,7 @@ import torch
 from conftest import EOS, make_model, make_tokenizer
 
 import llmsample
-from llmsample.exact import enumerate_target
+from llmsample.diagnostics.exact import enumerate_target
 from llmsample.potentials import Reward
 
 PROMPTS = ["a b", "c d e f"]
@@ -70,7 +70,7 @@ def test_weighted_particles_match_posterior_within_noise_floor(setup):
     assert out.resampled[:, :2].all()
     for b, target in enumerate(targets):
         samples = continuations(out, b)
-        m = int(llmsample.resampling.ess(out.log_weights[b]))
+        m = int(llmsample.smc.resampling.ess(out.log_weights[b]))
         floor = target.tv_noise_floor(m, q=0.99)
         assert target.tv(samples, out.log_weights[b]) < floor
         assert target.tv(samples) > floor

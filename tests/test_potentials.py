@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
 
 from llmsample import Particles
+from llmsample.hf.prompts import encode_prompts
 from llmsample.potentials import (
     Classifier,
     Constraint,
@@ -28,7 +29,6 @@ from llmsample.potentials import (
     Tempered,
     TokenMask,
 )
-from llmsample.prompts import encode_prompts
 
 NINF = -math.inf
 TOK = make_tokenizer()

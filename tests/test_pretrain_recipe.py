@@ -24,7 +24,7 @@ sys.path.insert(0, str(RECIPES))
 
 import pretrain_tiny_lm as recipe  # noqa: E402
 
-import llmsample.shakespeare as data  # noqa: E402
+import llmsample.data.shakespeare as data  # noqa: E402
 
 
 def _config(tmp_path: Path, *flags: str) -> recipe.PretrainConfig:

@@ -1,4 +1,4 @@
-"""Tests for llmsample.resampling.
+"""Tests for llmsample.smc.resampling.
 
 Statistical tests put M seeded repetitions in the batch dim of a single call and compare
 offspring-count moments with their exact values, with tolerances of 4.5 standard errors that
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmsample.resampling import SCHEMES, _invert_cdf, ess, log_normalize, resample
+from llmsample.smc.resampling import SCHEMES, _invert_cdf, ess, log_normalize, resample
 
 NINF = -math.inf
 ALL = list(SCHEMES)

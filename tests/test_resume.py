@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from llmsample.checkpoints import ResumeConflict, list_checkpoints
 from llmsample.config import parse_config, run_recipe
-from llmsample.ctl_trainer import CTLConfig, CTLTrainer
-from llmsample.exact import TOY_EOS, toy_model, toy_tokenizer
+from llmsample.ctl.head import TwistHead
+from llmsample.ctl.trainer import CTLConfig, CTLTrainer
+from llmsample.diagnostics.exact import TOY_EOS, toy_model, toy_tokenizer
 from llmsample.gfn import GFNConfig, GFNTrainer, add_lora
 from llmsample.potentials import Reward
-from llmsample.twist_head import TwistHead
+from llmsample.train.checkpoints import ResumeConflict, list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -19,13 +19,13 @@ import torch
 from conftest import EOS, make_model, make_tokenizer
 
 import llmsample
-from llmsample.checkpoints import list_checkpoints
 from llmsample.ctl import ctl_loss
-from llmsample.ctl_trainer import CTLConfig, CTLTrainer
-from llmsample.exact import enumerate_target
+from llmsample.ctl.head import LearnedTwist, TwistHead
+from llmsample.ctl.trainer import CTLConfig, CTLTrainer
+from llmsample.diagnostics.exact import enumerate_target
+from llmsample.hf.prompts import encode_prompts
 from llmsample.potentials import Contains, Reward
-from llmsample.prompts import encode_prompts
-from llmsample.twist_head import LearnedTwist, TwistHead
+from llmsample.train.checkpoints import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -129,7 +129,7 @@ def test_conditional_head_reads_its_condition_and_checks_it(setup, tmp_path):
 
 
 def test_text_features_are_mean_hidden_states(setup):
-    from llmsample.twist_head import text_features
+    from llmsample.ctl.head import text_features
 
     model, tok, _ = setup
     texts = ["a", "c d e", "b b"]

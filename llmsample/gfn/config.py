@@ -96,7 +96,7 @@ class GFNConfig:
     )
 
     # Fields that may differ from the checkpoint's when a run resumes (budgets, intervals,
-    # display); any other change is refused (llmsample.checkpoints.check_resume). A new
+    # display); any other change is refused (llmsample.train.checkpoints.check_resume). A new
     # ``steps`` also stretches the epsilon schedule over the new length.
     RESUMABLE_FIELDS = (
         "steps",

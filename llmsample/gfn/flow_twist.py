@@ -39,10 +39,10 @@ import torch
 from torch import Tensor
 
 from llmsample.gfn.reward import BaseView
-from llmsample.lm import LMSession
+from llmsample.hf.prompts import PromptBatch
+from llmsample.hf.session import LMSession
 from llmsample.particles import Particles
-from llmsample.potentials import Potential
-from llmsample.prompts import PromptBatch
+from llmsample.potentials.core import Potential
 from llmsample.twists import Twist
 
 __all__ = ["FlowTwist", "flow_log_psi"]

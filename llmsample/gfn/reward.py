@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from llmsample.gfn.rollout import Rollouts, sample_rollouts
-from llmsample.lm import teacher_force, vocab_size
+from llmsample.hf.prompts import PromptBatch, encode_prompts
+from llmsample.hf.session import teacher_force, vocab_size
 from llmsample.particles import Particles
-from llmsample.potentials import Potential
-from llmsample.prompts import PromptBatch, encode_prompts
+from llmsample.potentials.core import Potential
 
 __all__ = ["BaseView", "RewardTerms", "log_rewards", "policy_diagnostics"]
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmsample.lm import LMSession
-from llmsample.prompts import PromptBatch
+from llmsample.hf.prompts import PromptBatch
+from llmsample.hf.session import LMSession
 
 __all__ = ["Rollouts", "sample_rollouts", "rollouts_from_sequences", "cat_rollouts"]
 

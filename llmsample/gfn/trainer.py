@@ -22,7 +22,7 @@ Checkpoints (accelerate state + replay buffer + RNG + step + the config) land in
 ``out_dir/checkpoints`` every ``save_every`` steps, on SIGINT/SIGTERM and at
 ``max_minutes``; a rerun resumes from the newest one if its config differs only in
 ``GFNConfig.RESUMABLE_FIELDS`` (else it is refused; ``overwrite=True`` starts fresh), see
-:mod:`llmsample.checkpoints`. The adapter and log Z are exported to ``out_dir/adapter`` at
+:mod:`llmsample.train.checkpoints`. The adapter and log Z are exported to ``out_dir/adapter`` at
 the end and when ``max_minutes`` runs out (a budget-limited run leaves a usable adapter);
 metrics go to ``out_dir/metrics.jsonl`` (cut back to the checkpoint on resume, so no
 event is repeated) and to any accelerate tracker. ``train()`` returns the last
@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from llmsample.checkpoints import StopFlag, load_checkpoint, resume_point, save_checkpoint
 from llmsample.gfn.config import GFNConfig
 from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
 from llmsample.gfn.replay import ReplayBuffer
@@ -54,9 +53,10 @@ from llmsample.gfn.rollout import (
     rollouts_from_sequences,
     sample_rollouts,
 )
-from llmsample.lm import teacher_force
-from llmsample.potentials import PerPrompt, Potential
-from llmsample.prompts import PromptBatch, encode_prompts
+from llmsample.hf.prompts import PromptBatch, encode_prompts
+from llmsample.hf.session import teacher_force
+from llmsample.potentials.core import PerPrompt, Potential
+from llmsample.train.checkpoints import StopFlag, load_checkpoint, resume_point, save_checkpoint
 
 __all__ = ["GFNTrainer", "LogZ", "add_lora"]
 
@@ -301,8 +301,8 @@ class GFNTrainer:
 
     def resume(self) -> bool:
         """Load the newest checkpoint if there is one (``overwrite``: delete them first);
-        raises :class:`~llmsample.checkpoints.ResumeConflict` if the config changed in a
-        field that may not change. See :func:`llmsample.checkpoints.resume_point`."""
+        raises :class:`~llmsample.train.checkpoints.ResumeConflict` if the config changed in a
+        field that may not change. See :func:`llmsample.train.checkpoints.resume_point`."""
         found = resume_point(
             self.out,
             self.run_config,

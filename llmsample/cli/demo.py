@@ -68,12 +68,12 @@ CHAT_DEMO = DemoSpec(
 
 def _setup(spec: DemoSpec, tok):
     """(prompts, plain potential, twisted potential, eos ids) for a scenario."""
-    from llmsample.concepts import Concepts
-    from llmsample.potentials import Contains, PerPrompt
-    from llmsample.prompts import line_end_ids
+    from llmsample.hf.prompts import line_end_ids
+    from llmsample.potentials.concepts import Concepts
+    from llmsample.potentials.core import Contains, PerPrompt
 
     if spec.chat:
-        from llmsample.commongen import commongen_prompt
+        from llmsample.data.commongen import commongen_prompt
 
         prompts = [commongen_prompt(list(w)) for w in spec.words]
         plain = PerPrompt([Concepts(*w) for w in spec.words])

@@ -1,11 +1,11 @@
-"""CTLTrainer / train_ctl: train a :class:`~llmsample.twist_head.TwistHead` with the CTL
+"""CTLTrainer / train_ctl: train a :class:`~llmsample.ctl.head.TwistHead` with the CTL
 objective of :mod:`llmsample.ctl` (the loss and its math live there).
 
     head = train_ctl(model, tok, prompts, potential, head, CTLConfig(out_dir="out/ctl"))
 
 Each step alternates sampling (positives from ``smc_generate`` with the current twist,
 negatives from q_psi or p) and an AdamW step on the head; the base model stays frozen.
-Checkpoints (head, optimizer, schedule, step, RNG, the config; ``llmsample.checkpoints``)
+Checkpoints (head, optimizer, schedule, step, RNG, the config; ``llmsample.train.checkpoints``)
 go to ``out_dir/checkpoints`` every ``save_every`` steps, at ``max_minutes`` and on
 SIGINT/SIGTERM (then the run stops); a rerun resumes from the newest if its config
 differs only in ``CTLConfig.RESUMABLE_FIELDS`` (else it is refused; ``overwrite=True``
@@ -27,19 +27,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llmsample.checkpoints import (
+from llmsample.config import help_field
+from llmsample.ctl.head import LearnedTwist, TwistHead
+from llmsample.ctl.loss import base_states, ctl_loss, lengths_of
+from llmsample.hf.prompts import encode_prompts
+from llmsample.particles import Particles
+from llmsample.potentials.core import PerPrompt, Potential
+from llmsample.train.checkpoints import (
     ResumeConflict,
     StopFlag,
     load_checkpoint,
     resume_point,
     save_checkpoint,
 )
-from llmsample.config import help_field
-from llmsample.ctl import base_states, ctl_loss, lengths_of
-from llmsample.particles import Particles
-from llmsample.potentials import PerPrompt, Potential
-from llmsample.prompts import encode_prompts
-from llmsample.twist_head import LearnedTwist, TwistHead
 
 __all__ = ["CTLConfig", "CTLTrainer", "train_ctl"]
 
@@ -116,7 +116,7 @@ class CTLConfig:
     )
 
     # Fields that may differ from the checkpoint's when a run resumes (budgets, intervals,
-    # display); any other change is refused (llmsample.checkpoints.check_resume). A new
+    # display); any other change is refused (llmsample.train.checkpoints.check_resume). A new
     # ``steps`` also stretches the cosine learning-rate schedule over the new length.
     RESUMABLE_FIELDS = (
         "steps",
@@ -262,7 +262,7 @@ class CTLTrainer:
     def batch_loss(self) -> tuple[Tensor, dict]:
         """Sample positives and negatives for a few prompts; the CTL loss and statistics."""
         from llmsample.generate import ancestral_generate, smc_generate
-        from llmsample.smc import SMCConfig
+        from llmsample.smc.engine import SMCConfig
 
         cfg = self.cfg
         n = min(cfg.prompts_per_step, len(self.prompts))
@@ -530,7 +530,7 @@ class CTLTrainer:
 
     def resume(self) -> bool:
         """Load the newest checkpoint if there is one (``overwrite``: delete them first);
-        raises :class:`~llmsample.checkpoints.ResumeConflict` if the config changed in a
+        raises :class:`~llmsample.train.checkpoints.ResumeConflict` if the config changed in a
         field that may not change, or if the checkpoint holds another kind of head."""
         found = resume_point(
             self.out,

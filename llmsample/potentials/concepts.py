@@ -1,6 +1,6 @@
 """Concept coverage: "use every concept, in any inflected form" (CommonGen).
 
-    from llmsample.concepts import Concepts, ConceptCoverage, covers_all
+    from llmsample.potentials.concepts import Concepts, ConceptCoverage, covers_all
 
     covers_all("The player stood in the fields, looking around.", "field_N#look_V#stand_V")
     phi = Concepts("field_N#look_V#stand_V", prefix_bonus=1.0)  # hard, with a twist
@@ -41,7 +41,7 @@ from lemminflect import getAllInflections, getAllInflectionsOOV, getAllLemmas, g
 from torch import Tensor
 
 from llmsample.particles import Particles
-from llmsample.potentials import Constraint, Potential
+from llmsample.potentials.core import Constraint, Potential
 
 __all__ = [
     "Concept",

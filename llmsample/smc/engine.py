@@ -41,8 +41,8 @@ incremental formula, log q of x*'s tokens included) and, while it runs, it is it
 ancestor at every resampling; the other running rows draw their ancestors iid from the
 whole pool, row 0 included (conditional multinomial resampling). With x* ~ sigma,
 E[log Z_hat] >= log Z: an upper bound, where plain SMC gives the lower bound
-E[log Z_hat] <= log Z (see :mod:`llmsample.bounds`). In a conditional run every resampling
-is multinomial, whatever ``cfg.resampling`` says (the conditional draws of the other
+E[log Z_hat] <= log Z (see :mod:`llmsample.diagnostics.bounds`). In a conditional run every
+resampling is multinomial, whatever ``cfg.resampling`` says (the conditional draws of the other
 schemes are not implemented): it is the conditional SMC of multinomial SMC.
 """
 
@@ -57,13 +57,13 @@ import torch
 from tqdm.auto import tqdm
 
 from llmsample.config import help_field
-from llmsample.lm import LMSession, context_length, vocab_size
+from llmsample.hf.prompts import PromptBatch
+from llmsample.hf.session import LMSession, context_length, vocab_size
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
-from llmsample.potentials import Potential
-from llmsample.prompts import PromptBatch
+from llmsample.potentials.core import Potential
 from llmsample.proposals import LMProposal, Proposal
-from llmsample.resampling import SCHEMES, ess, log_normalize, resample
+from llmsample.smc.resampling import SCHEMES, ess, log_normalize, resample
 from llmsample.twists import NoTwist, Twist
 
 __all__ = ["SMCConfig", "run_smc"]

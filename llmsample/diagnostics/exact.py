@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llmsample.lm import vocab_size
+from llmsample.hf.prompts import encode_prompts
+from llmsample.hf.session import vocab_size
 from llmsample.particles import Particles
-from llmsample.potentials import Potential
-from llmsample.prompts import encode_prompts
+from llmsample.potentials.core import Potential
 
 __all__ = ["ExactTarget", "enumerate_target", "toy_tokenizer", "toy_model", "TOY_EOS"]
 

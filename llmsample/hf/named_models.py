@@ -2,7 +2,7 @@
 
     model, tok = llmsample.load_model("smollm2-135m-instruct")   # converts on first use
 
-    from llmsample.named_models import list_models, resolve
+    from llmsample.hf.named_models import list_models, resolve
     folder = resolve("smollm2-135m-instruct")   # e.g. ~/.cache/llmsample/smollm2-135m-instruct
     for row in list_models():
         print(row.name, row.installed, row.cached, row.path)

@@ -1,9 +1,9 @@
 """CommonGen (Lin et al., Findings of EMNLP 2020; MIT, USC INK Research Lab), shipped.
 
 The v1.0 dev (993 concept sets) and train (27,069) splits live in
-``llmsample/data/commongen/`` (see the README there), so this works offline::
+``llmsample/data/files/commongen/`` (see the README there), so this works offline::
 
-    from llmsample.commongen import load_commongen, commongen_prompt
+    from llmsample.data.commongen import load_commongen, commongen_prompt
     dev = load_commongen("dev")                 # a datasets.Dataset
     dev[0]["concepts"]    # ['field_N', 'look_V', 'stand_V'] (POS-tagged: _N noun, _V verb)
     dev[0]["words"]       # ['field', 'look', 'stand']
@@ -31,7 +31,7 @@ __all__ = [
     "is_one_sentence",
 ]
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "commongen"
+DATA_DIR = Path(__file__).resolve().parent / "files" / "commongen"
 
 #: The user instruction given to a chat model (``{words}``: comma-separated lemmas).
 #: Chosen among 9 wordings by greedy decoding with SmolLM2-135M-Instruct on 70 dev

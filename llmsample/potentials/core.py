@@ -33,7 +33,7 @@ import regex
 import torch
 from torch import Tensor
 
-from llmsample.lm import score_continuations
+from llmsample.hf.session import score_continuations
 from llmsample.particles import Particles
 
 __all__ = [

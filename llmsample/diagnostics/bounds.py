@@ -41,10 +41,10 @@ import torch
 from torch import Tensor
 
 from llmsample.generate import _eos_ids, ancestral_generate, smc_generate
+from llmsample.hf.prompts import encode_prompts, line_end_ids
 from llmsample.metrics.posterior import bound_gap
-from llmsample.potentials import Potential
-from llmsample.prompts import encode_prompts, line_end_ids
-from llmsample.smc import SMCConfig
+from llmsample.potentials.core import Potential
+from llmsample.smc.engine import SMCConfig
 
 __all__ = [
     "LogZBounds",

@@ -6,7 +6,7 @@
     model, tok = llmsample.load_model("gpt2", adapter="out/lora")   # + a peft adapter
 
 Names in :data:`EMBEDDED` resolve to folders inside the installed package, names in
-:data:`llmsample.named_models.NAMED` to their converted cache folder; anything else goes
+:data:`llmsample.hf.named_models.NAMED` to their converted cache folder; anything else goes
 to ``from_pretrained`` unchanged.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llmsample import named_models
+from llmsample.hf import named_models
 
 __all__ = [
     "EMBEDDED",
@@ -28,7 +28,7 @@ __all__ = [
     "trained_length",
 ]
 
-_MODELS = Path(__file__).resolve().parent / "models"
+_MODELS = Path(__file__).resolve().parent.parent / "models"  # llmsample/models
 EMBEDDED = {"shakespeare-tiny": _MODELS / "shakespeare-tiny"}
 DEFAULT_MODEL = "shakespeare-tiny"
 
@@ -133,7 +133,7 @@ def trained_length(model, tokenizer=None) -> int | None:
     ``context_length`` of ``training_metrics.json`` next to the weights (the embedded model
     and ``recipes/pretrain_tiny_lm.py`` exports), else the tokenizer's ``model_max_length``
     when it is a plain number below the config's position limit. None when unknown."""
-    from llmsample.lm import context_length
+    from llmsample.hf.session import context_length
 
     folder = Path(getattr(model.config, "name_or_path", "") or ".")
     try:

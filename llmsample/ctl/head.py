@@ -52,10 +52,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmsample.lm import LMSession, model_device, position_ids
+from llmsample.hf.prompts import PromptBatch, encode_prompts
+from llmsample.hf.session import LMSession, model_device, position_ids
 from llmsample.particles import Particles
-from llmsample.potentials import Potential
-from llmsample.prompts import PromptBatch, encode_prompts
+from llmsample.potentials.core import Potential
 from llmsample.twists import Twist
 
 __all__ = ["TwistHead", "LearnedTwist", "text_features"]

@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_models() -> list[dict]:
     """The embedded and named models: whether each is installed and converted."""
-    from llmsample.loading import DEFAULT_MODEL, EMBEDDED
-    from llmsample.named_models import NAMED, list_models
+    from llmsample.hf.loading import DEFAULT_MODEL, EMBEDDED
+    from llmsample.hf.named_models import NAMED, list_models
 
     rows = [
         dict(
@@ -227,8 +227,8 @@ def _print_models(rows: list[dict]) -> None:
 
 def _text_potentials(args) -> list:
     """The potentials that need no model, built (and validated) before loading one."""
-    from llmsample.concepts import Concepts
-    from llmsample.potentials import Contains, Regex
+    from llmsample.potentials.concepts import Concepts
+    from llmsample.potentials.core import Contains, Regex
 
     for flag, values in [
         ("the prompt", [args.prompt]),
@@ -260,15 +260,15 @@ def _text_potentials(args) -> list:
 
 
 def _product(parts: list):
-    from llmsample.potentials import Product
+    from llmsample.potentials.core import Product
 
     return None if not parts else parts[0] if len(parts) == 1 else Product(*parts)
 
 
 def _hub_notice(what: str, name: str) -> None:
     """Say so before from_pretrained goes to the hub: offline, it retries for a while."""
-    from llmsample.loading import EMBEDDED
-    from llmsample.named_models import NAMED
+    from llmsample.hf.loading import EMBEDDED
+    from llmsample.hf.named_models import NAMED
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     if offline or name in EMBEDDED or name in NAMED or Path(name).expanduser().exists():
@@ -284,7 +284,7 @@ def load_for_cli(args):
     from transformers.utils import logging as hf_logging
 
     import llmsample
-    from llmsample.loading import check_device
+    from llmsample.hf.loading import check_device
 
     try:
         check_device(args.device)
@@ -304,7 +304,7 @@ def decode_memory(model, rows: int, length: int, kv_copies: int = 1) -> int:
     """Bytes that decoding ``rows`` sequences of ``length`` tokens holds, roughly: per row,
     four fp32 next-token arrays of V floats (logits, log p, log q, q) and the KV cache,
     layers x (K, V) x kv_dim x length x dtype bytes, twice (resampling copies it)."""
-    from llmsample.lm import vocab_size
+    from llmsample.hf.session import vocab_size
 
     cfg = model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -339,7 +339,7 @@ def memory_limit(device: str) -> tuple[int, str] | None:
 
 
 def _check_memory(args, model, prompt_tokens: int) -> None:
-    from llmsample.lm import context_length
+    from llmsample.hf.session import context_length
 
     rows, length = args.particles, prompt_tokens + args.max_new_tokens
     if length > (context_length(model) or length):
@@ -361,8 +361,8 @@ def _check_memory(args, model, prompt_tokens: int) -> None:
 
 def _check_length(args, model, tok, prompt_tokens: int) -> None:
     """Warn when prompt + continuation run past the length the model was trained at."""
-    from llmsample.lm import context_length
-    from llmsample.loading import trained_length
+    from llmsample.hf.loading import trained_length
+    from llmsample.hf.session import context_length
 
     total, limit = prompt_tokens + args.max_new_tokens, context_length(model)
     trained = trained_length(model, tok)
@@ -388,8 +388,8 @@ def _twist(args, potential) -> str:
 
 def run_generate(args) -> dict:
     import llmsample
-    from llmsample.potentials import SuffixLikelihood
-    from llmsample.prompts import encode_prompts, line_end_ids
+    from llmsample.hf.prompts import encode_prompts, line_end_ids
+    from llmsample.potentials.core import SuffixLikelihood
     from llmsample.proposals import LMProposal, ModelProposal
 
     if args.method == "beam" and args.temperature != 1.0:
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_models()
                 _print_json(res) if args.json else _print_models(res)
             else:
-                from llmsample.demo import print_demo, run_demo
+                from llmsample.cli.demo import print_demo, run_demo
 
                 res = run_demo(args)
                 _print_json(res) if args.json else print_demo(res)
@@ -564,6 +564,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

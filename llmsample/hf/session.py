@@ -6,7 +6,7 @@ of prompt ``b``. Prompts are left padded and position ids come from the attentio
 mask, exactly as ``model.generate`` does, so a batch of prompts of different lengths
 runs in one forward pass per step.
 
-    prompts = encode_prompts(tokenizer, ["ROMEO:", "JULIET: Ay"])   # llmsample.prompts
+    prompts = encode_prompts(tokenizer, ["ROMEO:", "JULIET: Ay"])   # llmsample.hf.prompts
     session = LMSession(model, prompts, num_particles=8)   # prefill once, expand to 8
     logp = session.logp                                     # [16, V] next-token log-probs
     logp = session.step(tokens)                             # append one token per row
@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from llmsample.prompts import PromptBatch
+from llmsample.hf.prompts import PromptBatch
 
 __all__ = [
     "LMSession",

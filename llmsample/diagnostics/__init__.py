@@ -1,0 +1,3 @@
+"""Problems with known answers: exact enumeration of small targets and log Z bounds."""
+
+__all__: list[str] = []
