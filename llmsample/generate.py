@@ -38,10 +38,18 @@ from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal, Propo
 from llmsample.smc.engine import SMCConfig, run_smc
 from llmsample.twists import Twist, resolve_twist
 
-__all__ = ["smc_generate", "importance_generate", "ancestral_generate", "beam_generate"]
+__all__ = [
+    "smc_generate",
+    "importance_generate",
+    "ancestral_generate",
+    "beam_generate",
+    "eos_ids",
+]
 
 
-def _eos_ids(model, tokenizer, eos_token_id) -> list[int]:
+def eos_ids(model, tokenizer, eos_token_id) -> list[int]:
+    """The ids that end a continuation: ``eos_token_id``, else the model's generation
+    config's, else the tokenizer's (``[]``: none). Refuses ids outside the vocabulary."""
     if eos_token_id is None:
         gen_cfg = getattr(model, "generation_config", None)
         eos_token_id = getattr(gen_cfg, "eos_token_id", None)
@@ -267,7 +275,7 @@ def smc_generate(
         config or SMCConfig(), **{k: v for k, v in knobs.items() if v is not None}
     )
     _check_counts(num_particles=cfg.num_particles, max_new_tokens=cfg.max_new_tokens)
-    eos = _eos_ids(model, tokenizer, eos_token_id)
+    eos = eos_ids(model, tokenizer, eos_token_id)
     batch = _prompts(
         tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages
     )
@@ -341,7 +349,7 @@ def beam_generate(
     """Beam search via ``model.generate``: the N beams, uniformly weighted."""
     _check_counts(num_beams=num_beams, max_new_tokens=max_new_tokens)
     SMCConfig(num_particles=num_beams, max_new_tokens=max_new_tokens)  # validates
-    eos = _eos_ids(model, tokenizer, eos_token_id)
+    eos = eos_ids(model, tokenizer, eos_token_id)
     batch = _prompts(
         tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages
     )

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llmsample.generate import _eos_ids, ancestral_generate, smc_generate
+from llmsample.generate import ancestral_generate, eos_ids, smc_generate
 from llmsample.hf.prompts import encode_prompts, line_end_ids
 from llmsample.metrics.posterior import bound_gap
 from llmsample.potentials.core import Potential
@@ -269,7 +269,7 @@ def joint_infill_samples(
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not isinstance(suffix_tokens, int) or suffix_tokens < 1:
         raise ValueError(f"suffix_tokens must be an integer >= 1, got {suffix_tokens!r}")
-    eos = line_end_ids(tokenizer) if eos_token_id is None else _eos_ids(None, None, eos_token_id)
+    eos = line_end_ids(tokenizer) if eos_token_id is None else eos_ids(None, None, eos_token_id)
     eos_set = set(eos)
     prompt_ids = encode_prompts(tokenizer, texts)
     rows = [r[m.bool()].tolist() for r, m in zip(prompt_ids.input_ids, prompt_ids.attention_mask)]

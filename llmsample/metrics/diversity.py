@@ -30,13 +30,16 @@ __all__ = [
     "unique_ratio",
     "vendi_score",
     "diversity_report",
+    "check_groups",
+    "summarize_per_prompt",
 ]
 
 Groups = Sequence[Sequence[str]]
 Embedder = Callable[[list[str]], "np.ndarray"]
 
 
-def _check(groups: Groups) -> None:
+def check_groups(groups: Groups) -> None:
+    """Refuse anything but a list of lists of strings (the samples of each prompt)."""
     if isinstance(groups, str) or not isinstance(groups, Sequence):
         raise ValueError("groups must be a list of lists of strings (samples per prompt)")
     for b, g in enumerate(groups):
@@ -47,7 +50,8 @@ def _check(groups: Groups) -> None:
             )
 
 
-def _summary(per_prompt: list[float | None]) -> dict:
+def summarize_per_prompt(per_prompt: list[float | None]) -> dict:
+    """``{"mean": mean over the prompts that have a value, "per_prompt": the values}``."""
     vals = [v for v in per_prompt if v is not None]
     return {"mean": float(np.mean(vals)) if vals else None, "per_prompt": per_prompt}
 
@@ -71,7 +75,7 @@ def self_bleu(groups: Groups, tokenize: str | None = None) -> dict:
     of sample i with the other samples of the group as its references. Groups with fewer
     than 2 samples have no references and are skipped (``None``).
     """
-    _check(groups)
+    check_groups(groups)
     metric = BLEU(tokenize=tokenize, effective_order=True)
     per: list[float | None] = []
     for g in groups:
@@ -82,7 +86,7 @@ def self_bleu(groups: Groups, tokenize: str | None = None) -> dict:
             metric.sentence_score(g[i], list(g[:i]) + list(g[i + 1 :])).score for i in range(len(g))
         ]
         per.append(float(np.mean(scores)))
-    return _summary(per)
+    return summarize_per_prompt(per)
 
 
 def distinct_n(groups: Groups, n: int = 1) -> dict:
@@ -90,7 +94,7 @@ def distinct_n(groups: Groups, n: int = 1) -> dict:
 
     A group without any n-gram (every sample shorter than n tokens) is skipped (``None``).
     """
-    _check(groups)
+    check_groups(groups)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     per: list[float | None] = []
@@ -98,7 +102,7 @@ def distinct_n(groups: Groups, n: int = 1) -> dict:
         c = _group_counts(g, n)
         total = sum(c.values())
         per.append(len(c) / total if total else None)
-    return _summary(per)
+    return summarize_per_prompt(per)
 
 
 def ngram_entropy(groups: Groups, n: int = 1) -> dict:
@@ -107,7 +111,7 @@ def ngram_entropy(groups: Groups, n: int = 1) -> dict:
     The n-grams of all samples of a group are pooled and counted; entropy is
     -sum p log p with p = count / total. Groups without n-grams are skipped (``None``).
     """
-    _check(groups)
+    check_groups(groups)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     per: list[float | None] = []
@@ -119,13 +123,13 @@ def ngram_entropy(groups: Groups, n: int = 1) -> dict:
             continue
         p = np.array(list(c.values()), dtype=np.float64) / total
         per.append(float(-(p * np.log(p)).sum()) + 0.0)  # + 0.0 turns -0.0 into 0.0
-    return _summary(per)
+    return summarize_per_prompt(per)
 
 
 def unique_ratio(groups: Groups) -> dict:
     """Distinct texts / samples of each group (exact string match). Empty groups: ``None``."""
-    _check(groups)
-    return _summary([len(set(g)) / len(g) if len(g) else None for g in groups])
+    check_groups(groups)
+    return summarize_per_prompt([len(set(g)) / len(g) if len(g) else None for g in groups])
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -184,7 +188,7 @@ def vendi_score(
 
     Empty groups are skipped (``None``).
     """
-    _check(groups)
+    check_groups(groups)
     if embed is not None and not callable(embed) and len(embed) != len(groups):
         raise ValueError(f"got {len(embed)} embedding matrices for {len(groups)} groups")
     per: list[float | None] = []
@@ -199,7 +203,7 @@ def vendi_score(
             if x.ndim != 2 or x.shape[0] != len(g):
                 raise ValueError(f"group {b}: expected [{len(g)}, d] embeddings, got {x.shape}")
         per.append(_vendi_from_features(x))
-    return _summary(per)
+    return summarize_per_prompt(per)
 
 
 def cosine_diversity(x) -> float | None:
@@ -221,7 +225,7 @@ def diversity_report(groups: Groups, embedder: Embedder | None = None) -> dict:
     e.g. ``llmsample.metrics.embed_texts``) also ``embedding_diversity`` and
     ``vendi_embedding``, both from the same embeddings (the model runs once per group).
     """
-    _check(groups)
+    check_groups(groups)
     parts = {"self_bleu": self_bleu(groups)}
     for n in (1, 2, 3):
         parts[f"distinct_{n}"] = distinct_n(groups, n)
@@ -231,7 +235,7 @@ def diversity_report(groups: Groups, embedder: Embedder | None = None) -> dict:
     parts["vendi_ngram"] = vendi_score(groups)
     if embedder is not None:
         embs = [_to_numpy(embedder(list(g))) if len(g) else np.zeros((0, 1)) for g in groups]
-        parts["embedding_diversity"] = _summary([cosine_diversity(e) for e in embs])
+        parts["embedding_diversity"] = summarize_per_prompt([cosine_diversity(e) for e in embs])
         parts["vendi_embedding"] = vendi_score(groups, embed=embs)
     out: dict = {k: v["mean"] for k, v in parts.items()}
     out["per_prompt"] = {k: v["per_prompt"] for k, v in parts.items()}

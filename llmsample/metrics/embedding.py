@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from llmsample.metrics.diversity import _check, _summary, cosine_diversity
+from llmsample.metrics.diversity import check_groups, cosine_diversity, summarize_per_prompt
 
 __all__ = ["embedding_diversity", "embed_texts", "minilm_path"]
 
@@ -99,9 +99,9 @@ def embedding_diversity(
     about 0 for identical samples and grow as they differ in meaning. Groups with fewer
     than 2 samples are skipped (``None``).
     """
-    _check(groups)
+    check_groups(groups)
     per = [
         cosine_diversity(embed_texts(list(g), model_name_or_path)) if len(g) >= 2 else None
         for g in groups
     ]
-    return _summary(per)
+    return summarize_per_prompt(per)
