@@ -8,10 +8,15 @@
 Each entry reruns its command into a scratch folder, then compares every number under
 the entry's sections (timings, paths and provenance aside) with the committed file.
 A run is deterministic for a given machine, torch version and thread count (the configs
-fix the threads); ``--rtol`` (default 5%) allows another CPU's float rounding to grow
-over a few hundred training steps, while a wrong headline (the issue that started this:
-0.0051 committed, 0.0091 rerun) still fails. ``--update`` copies the fresh files over the
-committed ones, with the commit and command they came from (see llmsample.provenance).
+fix the threads). Across CPUs it is not, unless the kernels are pinned: a few hundred
+training steps grow AVX2-vs-AVX-512 rounding into a different trained model (gfn_exact's
+final KL was 0.0093 on one x86 machine and 0.0033 on an AVX-512/AMX one). So every
+command runs with the kernels pinned to AVX2 (``ISA_ENV``: torch's own kernels, MKL in
+its reproducible AVX2 mode, oneDNN), which every x86-64 CPU since 2013 runs: the same
+numbers on any of them. ``--rtol`` (default 5%) allows the rest, while a wrong headline
+(the issue that started this: 0.0051 committed, 0.0091 rerun) still fails. ``--update``
+copies the fresh files over the committed ones, with the commit and command they came
+from (see llmsample.provenance).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,9 +32,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Entry", "ENTRIES", "compare", "reproduce", "main"]
+__all__ = ["ISA_ENV", "Entry", "ENTRIES", "compare", "reproduce", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
+# the same CPU kernels on every x86-64 machine (module docstring); ignored elsewhere
+ISA_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
 RESULTS = ROOT / "evals" / "results"
 # keys of no scientific content: how long things took, where they went, who ran them
 SKIP = {
@@ -147,7 +160,8 @@ def reproduce(entry: Entry, rtol: float, update: bool = False) -> dict:
         cmd = [c.replace("{out}", str(out)) for c in entry.command]
         cmd[0] = sys.executable if cmd[0] == "python" else cmd[0]
         t0 = time.time()
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        env = os.environ | ISA_ENV
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         seconds = time.time() - t0
         if run.returncode != 0:
             tail = (run.stderr or run.stdout)[-2000:]
