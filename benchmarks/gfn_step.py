@@ -77,7 +77,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -90,9 +89,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 import llmsample  # noqa: E402
+from benchmarks import report  # noqa: E402
 from llmsample.gfn import GFNConfig, add_lora, sample_rollouts, trajectory_balance  # noqa: E402
 from llmsample.hf.prompts import PromptBatch, encode_prompts  # noqa: E402
 from llmsample.hf.session import cache_kwarg, output_cache, teacher_force  # noqa: E402
@@ -111,11 +110,6 @@ PROMPTS = [
     "OTHELLO:",
 ]
 TOY_PROMPTS = ["a b", "c", "d e f", "g h", "a", "b c", "e", "f g"]
-INTRO = (
-    "# Benchmark results\n\n"
-    "Every table here is produced by the command named above it; rerunning that command\n"
-    "replaces its own section (between `<!-- name:device -->` markers) and nothing else.\n"
-)
 
 
 # ---------------------------------------------------------------------- the two steps
@@ -442,18 +436,7 @@ def run_worker(args, variant: str, T: int) -> dict:
 
 
 def machine_info(args):
-    return dict(
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        device=args.device,
-        dtype=args.dtype,
-        device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        loadavg_start=list(os.getloadavg()),
-    )
+    return report.machine_info(args.device, args.dtype)
 
 
 def summarize(runs: list[dict], rows: int) -> dict:
@@ -589,17 +572,7 @@ def markdown(results: list[dict], info: dict, args, command: str) -> None:
             f"| {c['throughput_ratio_of_mins']:.2f} | {rss} | {c['saved_ratio']:.2f} "
             f"| {c['same_sample_steps']} of {c['timed_steps']} |"
         )
-    lines.append(f"<!-- /{key} -->")
-    section = "\n".join(lines) + "\n"
-    path = Path(args.markdown)
-    text = path.read_text() if path.exists() else INTRO
-    start, end = f"<!-- {key} -->", f"<!-- /{key} -->\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    report.write_section(args.markdown, key, lines[1:])
 
 
 def parse_args(argv=None):

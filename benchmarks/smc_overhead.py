@@ -12,6 +12,7 @@ The goal is smc/generate <= 1.10: SMC needs no extra forward passes.
     python benchmarks/smc_overhead.py --device cuda --dtype bfloat16 \
         --particles 16 64 256 --layers 12 --hidden 768 --vocab 32000    # a GPU run
     python benchmarks/smc_overhead.py --model smollm2-135m-instruct --potential mask text
+    python benchmarks/smc_overhead.py --backend vllm --model smollm2-135m-instruct --threads 1
 
 ``--model`` times a real model (any ``llmsample.load_model`` name or folder) on a chat
 prompt instead of a random one. ``--potential text`` swaps the token mask for a text
@@ -26,7 +27,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,21 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
 
 import llmsample  # noqa: E402
+from benchmarks import report  # noqa: E402
 from llmsample.hf.prompts import encode_prompts  # noqa: E402
 from llmsample.hf.session import vocab_size  # noqa: E402
 from llmsample.potentials import TokenMask  # noqa: E402
 
 GOAL = 1.10
 GOAL_DECODING = 1.05  # generate(custom_generate=smc_decoding) / generate
-INTRO = (
-    "# Benchmark results\n\n"
-    "Every table here is produced by the command named above it; rerunning that command\n"
-    "replaces its own section (between `<!-- name:device -->` markers) and nothing else.\n"
-)
 
 
 def build_model(args):
@@ -126,19 +121,7 @@ def timed(fn, device):
 
 
 def machine_info(args):
-    return dict(
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        device=args.device,
-        dtype=args.dtype,
-        device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        loadavg_start=list(os.getloadavg()),
-    )
+    return report.machine_info(args.device, args.dtype)
 
 
 def bench(model, tok, args, n, ids, mask, potential):
@@ -287,17 +270,7 @@ def markdown(res, info, args, command):
             f"| {r['decoding_s']:.3f} | {r['decoding_ratio']:.2f}, {r['decoding_pair_ratio']:.2f} "
             f"| {'yes' if r['decoding_goal_met'] else 'NO'} |"
         )
-    lines.append(f"<!-- /{key} -->")
-    section = "\n".join(lines) + "\n"
-    path = Path(args.markdown)
-    text = path.read_text() if path.exists() else INTRO
-    start, end = f"<!-- {key} -->", f"<!-- /{key} -->\n"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    report.write_section(args.markdown, key, lines[1:])
 
 
 def main():
@@ -327,11 +300,27 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/smc_overhead.json")
     p.add_argument("--markdown", default="benchmarks/RESULTS.md")
+    p.add_argument(
+        "--backend",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="vllm: SMC on a vLLM engine against vLLM's n=N sampling and SMC on HF "
+        "(benchmarks/smc_vllm.py; needs the vLLM environment and --model)",
+    )
+    p.add_argument("--block", type=int, default=8, help="--backend vllm: K tokens per block")
     args = p.parse_args()
     if "text" in args.potential and not args.model:
         p.error("--potential text decodes text: it needs --model (a model with a tokenizer)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.backend == "vllm":
+        from benchmarks import smc_vllm
+
+        if args.out == p.get_default("out"):
+            args.out = "benchmarks/results/smc_vllm.json"
+        command = " ".join(["python benchmarks/smc_overhead.py", *sys.argv[1:]])
+        smc_vllm.run(args, command)
+        return
     command = " ".join(["python benchmarks/smc_overhead.py", *sys.argv[1:]])
 
     info = machine_info(args)

@@ -23,20 +23,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-import sys
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from llmsample.hf.adapters import adapter_off, is_peft, shares_base
 from llmsample.hf.prompts import encode_prompts
 from llmsample.hf.session import vocab_size
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
 from llmsample.potentials.core import Potential
 from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal, Proposal
-from llmsample.smc.engine import SMCConfig, run_smc
+from llmsample.smc.config import SMCConfig
+from llmsample.smc.engine import run_smc
 from llmsample.twists import Twist, resolve_twist
+from llmsample.vllm import EngineModel, is_vllm_engine, run_smc_vllm
 
 __all__ = [
     "smc_generate",
@@ -139,53 +140,18 @@ def _prompts(tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, c
     )
 
 
-def _is_peft(model) -> bool:
-    """A peft ``PeftModel`` (peft is only looked up when already imported: no peft model
-    can exist otherwise)."""
-    peft = sys.modules.get("peft")
-    cls = getattr(peft, "PeftModel", None)
-    return cls is not None and isinstance(model, cls)
-
-
-def _adapter_off(policy):
-    """A context-manager factory: ``policy.disable_adapter()`` that also restores the
-    ``requires_grad`` flags peft's re-enabling sets on a frozen (inference) adapter."""
-    params = list(policy.parameters())
-
-    @contextmanager
-    def off():
-        flags = [q.requires_grad for q in params]
-        try:
-            with policy.disable_adapter():
-                yield
-        finally:
-            for q, flag in zip(params, flags):
-                if q.requires_grad != flag:
-                    q.requires_grad_(flag)
-
-    return off
-
-
-def _shares_base(policy, model) -> bool:
-    """Whether ``model`` is the peft ``policy`` itself or runs through its base modules
-    (peft injects LoRA layers into the base model in place, so calling the base model
-    applies the adapter too)."""
-    base = policy.get_base_model()
-    return model is policy or model is base or (_is_peft(model) and model.get_base_model() is base)
-
-
 def _resolve_proposal(proposal, model) -> tuple[Proposal, object]:
     """The proposal, and the context every forward of the target ``model`` runs in (the
     adapter disabled when the proposal is a peft adapter on ``model``'s own weights)."""
     if isinstance(proposal, str) and proposal == "adapter":
-        if not _is_peft(model):
+        if not is_peft(model):
             raise ValueError(
                 "proposal='adapter' needs a peft model as `model` (e.g. from "
                 "llmsample.load_model(base, adapter=path) or llmsample.gfn.add_lora); got "
                 f"{type(model).__name__}. To use a separate proposal model pass it as "
                 "`proposal=` instead"
             )
-        return ModelProposal(model), _adapter_off(model)
+        return ModelProposal(model), adapter_off(model)
     if proposal is None:
         q = LMProposal()
     elif isinstance(proposal, Proposal):
@@ -200,8 +166,8 @@ def _resolve_proposal(proposal, model) -> tuple[Proposal, object]:
             f"proposal must be None, 'optimal', 'adapter', a Proposal or a causal LM, got {got}"
         )
     policy = q.model if isinstance(q, ModelProposal) else None
-    if _is_peft(policy) and _shares_base(policy, model):
-        return q, _adapter_off(policy)
+    if is_peft(policy) and shares_base(policy, model):
+        return q, adapter_off(policy)
     return q, None
 
 
@@ -252,6 +218,9 @@ def smc_generate(
     exact): with a constraint like :class:`~llmsample.potentials.concepts.Concepts`, far fewer
     particles die at EOS.
 
+    **vLLM.** ``model`` may be a ``vllm.LLM``: block SMC on the engine (particles advance
+    ``config.resample_every`` tokens per call; :mod:`llmsample.vllm` says what runs there).
+
     **LoRA adapters (peft).** A peft model as the proposal, e.g. a GFlowNet-tuned
     ``policy``, is q with its adapter on. When ``model`` is that same peft model, or
     its base model (``policy.get_base_model()``: peft injects the LoRA layers into it
@@ -275,11 +244,20 @@ def smc_generate(
         config or SMCConfig(), **{k: v for k, v in knobs.items() if v is not None}
     )
     _check_counts(num_particles=cfg.num_particles, max_new_tokens=cfg.max_new_tokens)
+    engine = model if is_vllm_engine(model) else None  # a vllm.LLM: block SMC on vLLM
+    if engine is not None:
+        model, tokenizer = EngineModel(engine), tokenizer or engine.get_tokenizer()
     eos = eos_ids(model, tokenizer, eos_token_id)
     batch = _prompts(
         tokenizer, prompts, input_ids, attention_mask, pad_token_id, eos, chat, messages
     )
     _check_ids(batch, model)
+    method = "csmc" if reference is not None else _method
+    if engine is not None:
+        q, psi = proposal or LMProposal(), resolve_twist(twist, potential)
+        return run_smc_vllm(
+            engine, tokenizer, batch, potential, cfg, q, psi, eos, method, reference
+        )
     q, model_context = _resolve_proposal(proposal, model)
     return run_smc(
         model,
@@ -290,7 +268,7 @@ def smc_generate(
         proposal=q,
         twist=resolve_twist(twist, potential),
         eos_token_ids=eos,
-        method="csmc" if reference is not None else _method,
+        method=method,
         model_context=model_context,
         reference=reference,
     )
@@ -347,6 +325,8 @@ def beam_generate(
     pad_token_id: int | None = None,
 ) -> SamplingOutput:
     """Beam search via ``model.generate``: the N beams, uniformly weighted."""
+    if is_vllm_engine(model):
+        raise ValueError("beam_generate needs a Hugging Face model; vLLM has its own beam search")
     _check_counts(num_beams=num_beams, max_new_tokens=max_new_tokens)
     SMCConfig(num_particles=num_beams, max_new_tokens=max_new_tokens)  # validates
     eos = eos_ids(model, tokenizer, eos_token_id)

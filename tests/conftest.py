@@ -65,3 +65,53 @@ def _fresh_accelerate_state():
 
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def make_vllm_folder(path) -> str:
+    """The toy Llama (9-token vocabulary, enumerable) saved as a model folder vLLM can load:
+    head_dim 32, the smallest vLLM's CPU attention takes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=64,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)  # far from uniform, as the toys
+    model.save_pretrained(path)
+    make_tokenizer(with_pad=True).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tmp_path_factory):
+    """One vLLM engine per test session on the toy Llama folder (skips without vLLM):
+    (the engine, the folder)."""
+    pytest.importorskip("vllm", reason="vLLM is an optional install (see the README)")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    folder = make_vllm_folder(tmp_path_factory.mktemp("toy-llama"))
+    llm = LLM(
+        folder,
+        dtype="float32",
+        enable_prefix_caching=True,
+        block_size=32,  # the smallest CPU KV block: particles share prefixes in 32s
+        max_model_len=64,
+        max_logprobs=-1,  # tempered proposals read the full log p vector
+        enforce_eager=True,
+        seed=0,
+    )
+    return llm, folder

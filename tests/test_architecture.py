@@ -1,11 +1,17 @@
-"""Architecture rules that a test can hold: no private name crosses a module boundary.
+"""Architecture rules that a test can hold, on the source of ``llmsample/``.
 
-Inside ``llmsample/``, a name with a leading underscore is that module's own business: no
-other module imports it (``from a import _x``) or reaches for it (``import a; a._x``).
+- No private name crosses a module boundary: a name with a leading underscore is its
+  module's own business (no ``from a import _x``, no ``import a; a._x``).
+- Boundaries: only ``hf/`` imports transformers or peft; only ``vllm/`` imports vLLM
+  (imports inside functions count).
+- No import cycles between modules, function-level imports included (a cycle hidden in a
+  function is still two modules that need each other).
 """
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import llmsample
 
@@ -56,3 +62,87 @@ def test_the_checker_sees_both_forms(tmp_path):
         "bad.py:1 imports llmsample.generate._x",
         "bad.py:3 uses e._y",
     ]
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """Every module ``path`` imports (anywhere in the file), with the line."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.module, node.lineno))
+            # `from llmsample.x import y` may import the submodule llmsample.x.y
+            out += [(f"{node.module}.{a.name}", node.lineno) for a in node.names]
+    return out
+
+
+BOUNDARIES = {"transformers": "llmsample.hf", "peft": "llmsample.hf", "vllm": "llmsample.vllm"}
+
+
+@pytest.mark.parametrize("library", sorted(BOUNDARIES))
+def test_only_the_boundary_package_imports_the_library(library):
+    home = BOUNDARIES[library]
+    leaks = [
+        f"{_module(f)}:{line} imports {name}"
+        for f in sorted(ROOT.rglob("*.py"))
+        for name, line in _imports(f)
+        if name.split(".")[0] == library and not _module(f).startswith(home)
+    ]
+    assert leaks == []
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module(f): f for f in ROOT.rglob("*.py")}
+    graph = {m: set() for m in modules}
+    for m, f in modules.items():
+        for name, _ in _imports(f):
+            if name in modules and name not in (m, "llmsample"):
+                graph[m].add(name)  # (`import llmsample` reaches the public API: not counted)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert _cycles(_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_hidden_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]

@@ -26,7 +26,7 @@ from llmsample.metrics import bound_gap
 from llmsample.potentials import Contains, Reward, SuffixLikelihood
 from llmsample.proposals import LocallyOptimal
 from llmsample.smc import SMCConfig, run_smc
-from llmsample.smc.engine import _conditional_multinomial
+from llmsample.smc.conditional import conditional_multinomial
 from llmsample.twists import PotentialTwist, Twist
 
 PROMPT = "a b"
@@ -119,7 +119,7 @@ def test_conditional_multinomial_resampling():
     g, n = 20_000, 4
     w = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
     clamped = torch.arange(g) % 2 == 0
-    anc = _conditional_multinomial(w.log().expand(g, n), clamped, torch.Generator().manual_seed(0))
+    anc = conditional_multinomial(w.log().expand(g, n), clamped, torch.Generator().manual_seed(0))
     assert (anc[clamped, 0] == 0).all() and (anc != 3).all()
     for draws in (anc[clamped, 1:].flatten(), anc[~clamped].flatten()):
         freq = torch.bincount(draws, minlength=n).double() / len(draws)

@@ -91,13 +91,13 @@ def test_single_string_prompt(gpt2, tok):
 def test_output_shapes_and_normalization(gpt2, tok, monkeypatch):
     B, N, T = 2, 6, 7
     pools = []  # log weights handed to the resampler: [prompts, their running rows]
-    real = llmsample.smc.engine.resample
+    real = llmsample.smc.conditional.resample
 
     def spy(log_w, scheme, generator):
         pools.append(log_w.clone())
         return real(log_w, scheme, generator)
 
-    monkeypatch.setattr(llmsample.smc.engine, "resample", spy)
+    monkeypatch.setattr(llmsample.smc.conditional, "resample", spy)
     out = smc_generate(
         gpt2,
         tok,

@@ -23,11 +23,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from llmsample.cli.common import UsageError, load_for_cli, note, use_chat
+
 __all__ = ["main"]
-
-
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit status 2."""
 
 
 CONTAINS_BONUS = 3.0  # the demo's: one word of the line found outweighs ~20 particles without
@@ -37,11 +35,6 @@ JSON_HELP = (
     'a run whose particles were all rejected, is the string "-inf", "inf" or "nan"; '
     "Python's float() reads it back)"
 )
-
-
-def note(text: str) -> None:
-    """One line on stderr, for things the user should know but that are not errors."""
-    print(f"llmsample: {text}", file=sys.stderr)
 
 
 def _check_utf8(flag: str, text: str) -> None:
@@ -100,16 +93,6 @@ def set_threads(args) -> int:
         raise UsageError(f"--threads must be >= 1, got {n}")
     torch.set_num_threads(n)
     return n
-
-
-def use_chat(args, tokenizer) -> bool:
-    """--chat / --no-chat, or (by default) whether the tokenizer has a chat template."""
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if args.chat and not has_template:
-        raise UsageError(
-            f"--chat: the tokenizer of {args.model!r} has no chat template; drop --chat"
-        )
-    return has_template if args.chat is None else args.chat
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,41 +246,6 @@ def _product(parts: list):
     from llmsample.potentials.core import Product
 
     return None if not parts else parts[0] if len(parts) == 1 else Product(*parts)
-
-
-def _hub_notice(what: str, name: str) -> None:
-    """Say so before from_pretrained goes to the hub: offline, it retries for a while."""
-    from llmsample.hf.loading import EMBEDDED
-    from llmsample.hf.named_models import NAMED
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-    if offline or name in EMBEDDED or name in NAMED or Path(name).expanduser().exists():
-        return
-    note(
-        f"{what} {name!r} is not a local folder or a known model name: contacting the Hugging "
-        "Face hub (set HF_HUB_OFFLINE=1 to fail fast when offline)"
-    )
-
-
-def load_for_cli(args):
-    """load_model from the flags; a failure becomes a one-line UsageError."""
-    from transformers.utils import logging as hf_logging
-
-    import llmsample
-    from llmsample.hf.loading import check_device
-
-    try:
-        check_device(args.device)
-    except ValueError as err:
-        raise UsageError(f"--device: {err}") from None
-    _hub_notice("--model", args.model)
-    if args.adapter is not None:
-        _hub_notice("--adapter", args.adapter)
-    hf_logging.disable_progress_bar()  # keep the terminal for our own output
-    try:
-        return llmsample.load_model(args.model, adapter=args.adapter, device=args.device)
-    except (ValueError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
 
 
 def decode_memory(model, rows: int, length: int, kv_copies: int = 1) -> int:

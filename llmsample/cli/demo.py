@@ -86,7 +86,7 @@ def _setup(spec: DemoSpec, tok):
 
 def run_demo(args) -> dict:
     import llmsample
-    from llmsample.cli import UsageError, load_for_cli, use_chat
+    from llmsample.cli.common import UsageError, load_for_cli, use_chat
 
     if args.particles is not None and args.particles < 1:
         raise UsageError(f"--particles must be >= 1, got {args.particles}")

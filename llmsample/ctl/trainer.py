@@ -262,7 +262,7 @@ class CTLTrainer:
     def batch_loss(self) -> tuple[Tensor, dict]:
         """Sample positives and negatives for a few prompts; the CTL loss and statistics."""
         from llmsample.generate import ancestral_generate, smc_generate
-        from llmsample.smc.engine import SMCConfig
+        from llmsample.smc.config import SMCConfig
 
         cfg = self.cfg
         n = min(cfg.prompts_per_step, len(self.prompts))

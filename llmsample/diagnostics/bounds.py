@@ -44,7 +44,7 @@ from llmsample.generate import ancestral_generate, eos_ids, smc_generate
 from llmsample.hf.prompts import encode_prompts, line_end_ids
 from llmsample.metrics.posterior import bound_gap
 from llmsample.potentials.core import Potential
-from llmsample.smc.engine import SMCConfig
+from llmsample.smc.config import SMCConfig
 
 __all__ = [
     "LogZBounds",

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from llmsample.gfn.reward import BaseView
+from llmsample.hf.adapters import BaseView, shares_base
 from llmsample.hf.prompts import PromptBatch
 from llmsample.hf.session import LMSession
 from llmsample.particles import Particles
@@ -52,20 +52,6 @@ def flow_log_psi(log_p_stop: Tensor, log_phi_stop: Tensor, log_q_stop: Tensor) -
     """log psi = log p(STOP|x) + log phi(x + STOP) - log q(STOP|x), elementwise, float64."""
     out = log_p_stop.double() + log_phi_stop.double() - log_q_stop.double()
     return torch.where(torch.isneginf(log_phi_stop.double()), -torch.inf, out)
-
-
-def _is_peft_of(policy, model) -> bool:
-    if not hasattr(policy, "disable_adapter"):
-        return False
-    inner = [policy]
-    for name in ("base_model", "get_base_model"):
-        obj = getattr(policy, name, None)
-        if obj is not None:
-            inner.append(obj() if callable(obj) and name.startswith("get_") else obj)
-    base = getattr(policy, "base_model", None)
-    if base is not None and hasattr(base, "model"):
-        inner.append(base.model)
-    return any(model is m for m in inner)
 
 
 class FlowTwist(Twist):
@@ -93,7 +79,7 @@ class FlowTwist(Twist):
     ):
         if policy is None and log_q_stop is None:
             raise ValueError("FlowTwist needs a policy or a log_q_stop callable")
-        if base_model is None or (policy is not None and _is_peft_of(policy, base_model)):
+        if base_model is None or (policy is not None and shares_base(policy, base_model)):
             if policy is None:
                 raise ValueError("FlowTwist needs a base_model when no policy is given")
             base_model = BaseView(policy)

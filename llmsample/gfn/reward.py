@@ -17,42 +17,13 @@ import torch
 from torch import Tensor
 
 from llmsample.gfn.rollout import Rollouts, sample_rollouts
+from llmsample.hf.adapters import BaseView, adapter_off  # BaseView: re-exported, its old home
 from llmsample.hf.prompts import PromptBatch, encode_prompts
 from llmsample.hf.session import teacher_force, vocab_size
 from llmsample.particles import Particles
 from llmsample.potentials.core import Potential
 
 __all__ = ["BaseView", "RewardTerms", "log_rewards", "policy_diagnostics"]
-
-
-class BaseView(torch.nn.Module):
-    """The base model of a peft ``policy``: every call runs with the adapter disabled.
-
-    LoRA layers are injected into the base model in place, so the base module itself
-    applies the adapter; potentials that need p_base (e.g. ``SuffixLikelihood``) take
-    ``BaseView(policy)`` instead. It shares every weight with the policy.
-    """
-
-    def __init__(self, policy):
-        super().__init__()
-        if not hasattr(policy, "disable_adapter"):
-            raise TypeError("BaseView needs a peft model (one with disable_adapter())")
-        self.policy = policy
-        self.config = policy.config
-
-    @property
-    def wrapped_model(self):
-        """The peft model this view calls (``lm.cache_kwarg`` reads its signature)."""
-        return self.policy
-
-    def forward(self, *args, **kwargs):
-        with self.policy.disable_adapter():
-            return self.policy(*args, **kwargs)
-
-    def get_output_embeddings(self):
-        """The policy's output head (``lm.teacher_force`` checks that, called outside this
-        view, it gives the view's logits: not so when the adapter covers the head)."""
-        return self.policy.get_output_embeddings()
 
 
 @dataclass
@@ -100,7 +71,7 @@ def log_rewards(
     ctx_ids = prompts.input_ids[ro.prompt_index]
     ctx_mask = prompts.attention_mask[ro.prompt_index]
     if base_in_reward:
-        with policy.disable_adapter():
+        with adapter_off(policy)():
             tf = teacher_force(
                 policy,
                 ctx_ids,

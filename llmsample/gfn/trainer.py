@@ -53,6 +53,7 @@ from llmsample.gfn.rollout import (
     rollouts_from_sequences,
     sample_rollouts,
 )
+from llmsample.hf.adapters import is_peft, lora_model
 from llmsample.hf.prompts import PromptBatch, encode_prompts
 from llmsample.hf.session import teacher_force
 from llmsample.potentials.core import PerPrompt, Potential
@@ -64,19 +65,14 @@ __all__ = ["GFNTrainer", "LogZ", "add_lora"]
 def add_lora(model, cfg: GFNConfig):
     """Wrap ``model`` in a fresh peft LoRA adapter as configured (the base stays frozen).
     The adapter's random init depends only on ``cfg.seed``, not on the global RNG."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = cfg.target_modules
-    lora = LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        modules_to_save=list(cfg.modules_to_save) or None,
-        task_type="CAUSAL_LM",
+    return lora_model(
+        model,
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        target_modules=cfg.target_modules,
+        modules_to_save=cfg.modules_to_save,
+        seed=cfg.seed,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return get_peft_model(model, lora)
 
 
 class LogZ(nn.Module):
@@ -113,7 +109,7 @@ class GFNTrainer:
         (default ``cfg``); a recipe passes its whole config (task fields included)."""
         from accelerate import Accelerator
 
-        if not hasattr(policy, "disable_adapter"):
+        if not is_peft(policy):
             raise TypeError(
                 "policy must be a peft model (the reward uses the same model with the adapter "
                 "disabled); wrap the base model with llmsample.gfn.add_lora(model, cfg)"

@@ -26,11 +26,29 @@ __all__ = [
     "embedded_path",
     "check_device",
     "trained_length",
+    "quiet_hub_progress",
+    "load_encoder",
 ]
 
 _MODELS = Path(__file__).resolve().parent.parent / "models"  # llmsample/models
 EMBEDDED = {"shakespeare-tiny": _MODELS / "shakespeare-tiny"}
 DEFAULT_MODEL = "shakespeare-tiny"
+
+
+def quiet_hub_progress() -> None:
+    """Turn off transformers' download and loading progress bars (a CLI keeps the terminal
+    for its own output)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_encoder(path: str):
+    """(tokenizer, model) of a sentence encoder (``AutoModel``, eval mode), e.g. the
+    bundled all-MiniLM-L6-v2 that :mod:`llmsample.metrics.embedding` pools."""
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
 def embedded_path(name: str) -> Path | None:

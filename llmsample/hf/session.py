@@ -162,6 +162,10 @@ class LMSession:
         if self.keep_hidden:
             self.hidden = out.hidden_states[-1][:, -1].float()  # [R, H]
 
+    def advance(self, tokens: Tensor) -> None:
+        """Append one token per row ([R]): the lifecycle name the SMC engine calls."""
+        self.step(tokens)
+
     def step(self, tokens: Tensor) -> Tensor:
         """Append one token per row ([R]) and return the new next-token log-probs."""
         tokens = tokens.to(self.device)

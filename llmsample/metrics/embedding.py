@@ -48,12 +48,10 @@ def minilm_path() -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _load(model_name_or_path: str | None):
-    from transformers import AutoModel, AutoTokenizer
+    from llmsample.hf.loading import load_encoder
 
     path = str(minilm_path()) if model_name_or_path is None else model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    return tokenizer, model
+    return load_encoder(path)
 
 
 @torch.inference_mode()
