@@ -86,12 +86,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+import report  # noqa: E402  (benchmarks/report.py: the script's own folder)
 import torch  # noqa: E402
 
 import llmsample  # noqa: E402
-from benchmarks import report  # noqa: E402
 from llmsample.gfn import GFNConfig, add_lora, sample_rollouts, trajectory_balance  # noqa: E402
 from llmsample.hf.prompts import PromptBatch, encode_prompts  # noqa: E402
 from llmsample.hf.session import cache_kwarg, output_cache, teacher_force  # noqa: E402

@@ -33,14 +33,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+import report  # noqa: E402  (benchmarks/report.py: the script's own folder)
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # noqa: E402
 
 import llmsample  # noqa: E402
-from benchmarks import report  # noqa: E402
 from llmsample.hf.prompts import encode_prompts  # noqa: E402
 from llmsample.hf.session import vocab_size  # noqa: E402
 from llmsample.potentials import TokenMask  # noqa: E402
@@ -314,7 +312,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.backend == "vllm":
-        from benchmarks import smc_vllm
+        import smc_vllm  # benchmarks/smc_vllm.py, next to this script
 
         if args.out == p.get_default("out"):
             args.out = "benchmarks/results/smc_vllm.json"

@@ -21,11 +21,11 @@ import statistics
 import time
 from pathlib import Path
 
+import report  # benchmarks/report.py, next to this script
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmsample
-from benchmarks import report
 from llmsample.hf.named_models import resolve
 from llmsample.hf.prompts import encode_prompts
 from llmsample.potentials import TokenMask

@@ -63,7 +63,7 @@ METHODS = ("smc", "smc-twist", "smc-learned", "smc-learned-q", "gfn-is", "gfn-fl
 
 
 def _problems(model, tok, num: int, suffix_tokens: int, seed: int):
-    from evals.tasks import build_task
+    from llmsample.data.tasks import build_task
 
     task = build_task("line-infill", num_prompts=num, seed=0)
     prompts = [e.prompt for e in task.examples]

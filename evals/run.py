@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import llmsample
 from evals import report
 from evals.methods import draws, methods, score_texts
-from evals.tasks import build_task
+from llmsample.data.tasks import build_task
 from llmsample.provenance import provenance
 
 __all__ = ["run_task", "main"]

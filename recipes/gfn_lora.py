@@ -28,15 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gfn_tasks import TASKS, build_task  # recipes/gfn_tasks.py: the script's own folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gfn_tasks import TASKS, build_task  # noqa: E402
-
-from llmsample.config import help_field, run_recipe  # noqa: E402
-from llmsample.gfn import GFNConfig, GFNTrainer, add_lora  # noqa: E402
-from llmsample.provenance import provenance  # noqa: E402
-from llmsample.train.checkpoints import check_resume, signal_stop  # noqa: E402
+from llmsample.config import help_field, run_recipe
+from llmsample.gfn import GFNConfig, GFNTrainer, add_lora
+from llmsample.provenance import provenance
+from llmsample.train.checkpoints import check_resume, signal_stop
 
 
 @dataclass

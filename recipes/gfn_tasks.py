@@ -8,7 +8,7 @@
   followed by EOS, else exp(invalid_log_reward); no base-model factor, so sigma is
   (almost exactly) uniform over the 101 numbers. Exact: the fraction of q on valid
   numbers, KL(q(.|valid) || uniform) and KL(uniform || q(.|valid)).
-- ``line-infill`` / ``keywords``: the evals' tasks (``evals/tasks.py``) on the embedded
+- ``line-infill`` / ``keywords``: the evals' tasks (``llmsample.data.tasks``) on the embedded
   model; the reward is p_base(x|c) times the suffix likelihood (line-infill) or
   exp(-miss_penalty * missing words) (keywords, a softened constraint; SMC with the
   policy as proposal still uses the hard one). The evaluation samples the policy:
@@ -24,12 +24,11 @@
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from llmsample.data.tasks import build_task as build_eval_task
 from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import BaseView, policy_diagnostics
 from llmsample.potentials import Potential, Reward
@@ -122,22 +121,13 @@ def uniform_number_task(cfg) -> GFNTask:
     return GFNTask(model, tok, prompts, phi, [eos], T, False, evaluate)
 
 
-def _evals_task(cfg):
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)  # evals/ lives next to recipes/ in the repository
-    from evals.tasks import build_task as build_eval_task
-
-    return build_eval_task(cfg.task, num_prompts=cfg.num_prompts, seed=cfg.task_seed)
-
-
 def lm_task(cfg) -> GFNTask:
     import llmsample
     from llmsample.hf.prompts import line_end_ids
     from llmsample.potentials import PerPrompt, SuffixLikelihood
 
     model, tok = llmsample.load_model(cfg.model, device=cfg.device)
-    task = _evals_task(cfg)
+    task = build_eval_task(cfg.task, num_prompts=cfg.num_prompts, seed=cfg.task_seed)
     examples = task.examples
     prompts = [e.prompt for e in examples]
     stop_ids = line_end_ids(tok)

@@ -14,15 +14,15 @@ The problems are saved to ``<out_dir>/problems.json`` (a resumed run reuses them
 
 The evaluation (step 0 = the zero head, i.e. plain SMC, then every ``eval_every`` steps)
 runs SMC with the twist on ``eval_problems`` synthetic problems from the held-out plays
-(the contexts of ``evals/tasks.py``'s line-infill prompts, with suffixes drawn from the
-model): the mean log Z_hat, a lower bound on the mean log Z, higher is better. The
-bounds against untwisted SMC and the other samplers are in ``evals/infill_bounds.py``.
+(the contexts of the evals' line-infill prompts, ``llmsample.data.tasks``, with suffixes
+drawn from the model): the mean log Z_hat, a lower bound on the mean log Z, higher is
+better. The bounds against untwisted SMC and the other samplers are in
+``evals/infill_bounds.py``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ import torch
 import llmsample
 from llmsample.ctl.head import LearnedTwist, TwistHead, text_features
 from llmsample.data.shakespeare import DEFAULT_HELDOUT, list_plays
+from llmsample.data.tasks import build_task
 from llmsample.diagnostics.bounds import joint_infill_samples
 from llmsample.generate import smc_generate
 from llmsample.hf.prompts import line_end_ids
@@ -39,14 +40,8 @@ from llmsample.train.checkpoints import signal_stop
 
 __all__ = ["infill_problems", "run_infill"]
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _prompts(num: int, seed: int, heldout: bool) -> tuple[list[str], int]:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # evals/ lives next to recipes/ in the repository
-    from evals.tasks import build_task
-
     plays = DEFAULT_HELDOUT if heldout else [p for p in list_plays() if p not in DEFAULT_HELDOUT]
     task = build_task("line-infill", num_prompts=num, seed=seed, plays=tuple(plays))
     return [e.prompt for e in task.examples], task.max_new_tokens

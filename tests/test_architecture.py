@@ -6,6 +6,9 @@
   (imports inside functions count).
 - No import cycles between modules, function-level imports included (a cycle hidden in a
   function is still two modules that need each other).
+- Scripts in ``recipes/`` and ``benchmarks/`` never edit ``sys.path``: what they share with
+  the evals is in the package (``llmsample.data.tasks``), and a sibling script is imported
+  from the script's own folder, which Python puts first on ``sys.path``.
 """
 
 import ast
@@ -146,3 +149,49 @@ def test_no_import_cycles():
 def test_the_cycle_finder_finds_a_hidden_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def _sys_path_edits(source: str, name: str) -> list[str]:
+    """Every line of ``source`` that changes the import path: a call or an assignment on
+    ``sys.path`` (``sys.path.insert(...)``, ``sys.path[:0] = ...``), ``from sys import path``
+    and ``site.addsitedir``."""
+
+    def is_sys_path(node) -> bool:
+        while isinstance(node, (ast.Attribute, ast.Subscript)):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "path"
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"
+            ):
+                return True
+            node = node.value
+        return False
+
+    lines = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if is_sys_path(node.func.value) or node.func.attr == "addsitedir":
+                lines.add(node.lineno)
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            if any(is_sys_path(t) for t in targets):
+                lines.add(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module == "sys":
+            if any(a.name == "path" for a in node.names):
+                lines.add(node.lineno)
+    return [f"{name}:{line}" for line in sorted(lines)]
+
+
+def test_no_recipe_or_benchmark_edits_sys_path():
+    bad = (
+        "import sys, site\nsys.path.insert(0, 'x')\nsys.path.append('x')\n"
+        "sys.path[:0] = ['x']\nsys.path += ['x']\nsite.addsitedir('x')\n"
+        "from sys import path\nprint(sys.path)\nsys.argv.append('x')\n"
+    )
+    assert _sys_path_edits(bad, "bad.py") == [f"bad.py:{i}" for i in range(2, 8)]
+    repo = ROOT.parent
+    files = sorted((repo / "recipes").rglob("*.py")) + sorted((repo / "benchmarks").rglob("*.py"))
+    assert len(files) >= 8  # both folders are scanned
+    edits = [e for f in files for e in _sys_path_edits(f.read_text(), str(f.relative_to(repo)))]
+    assert edits == []

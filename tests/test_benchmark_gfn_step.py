@@ -25,6 +25,10 @@ SCRIPT = ROOT / "benchmarks" / "gfn_step.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    # the script imports its sibling benchmarks/report.py, as `python benchmarks/gfn_step.py`
+    # can (the script's folder leads sys.path); loaded from here, that folder must be added
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("gfn_step_bench", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
