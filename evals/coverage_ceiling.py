@@ -5,7 +5,8 @@ Base draws x ~ p_base reweighted by w = exp(beta (coverage - 1)) estimate the sh
 sigma's mass on replies that cover every concept (pooled over the dev sets): the ceiling a
 perfect sampler of that target reaches on the coverage metric.
 
-    python -m evals.coverage_ceiling "evals/results/commongen/cells/ancestral[T=1.0]-seed0.jsonl"
+    python -m evals.coverage_ceiling \\
+        "evals/artifacts/results/commongen/cells/ancestral[T=1.0]-seed0.jsonl"
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("cells", help="a CommonGen cells JSONL of base-model draws (with 'coverage')")
     ap.add_argument("--betas", type=float, nargs="+", default=[4.0, 8.0, 16.0, 32.0])
     args = ap.parse_args(argv)
+    from evals.paths import refuse_old
+
+    refuse_old(args.cells, "cells")
     with open(args.cells) as f:
         covs = [c for line in f for c in json.loads(line)["coverage"]]
     plain = sum(c >= 1.0 for c in covs) / len(covs)

@@ -1,6 +1,6 @@
 """The ``exact`` task: an enumerable target on a toy model, so KL and TV are exact.
 
-    python -m evals.run --task exact --out evals/results/exact
+    python -m evals.run --task exact --out evals/artifacts/results/exact
 
 Toy GPT-2 over 8 words + EOS (``llmsample.diagnostics.exact.toy_model``), two prompts of different
 lengths, T = 4 (4,681 complete continuations each) and a soft potential

@@ -1,6 +1,6 @@
 """Bounds on log Z for line infilling: which sampler closes the gap, at what cost.
 
-    python -m evals.infill_bounds --out evals/results/line-infill-bounds
+    python -m evals.infill_bounds --out evals/artifacts/results/line-infill-bounds
     python -m evals.infill_bounds --out /tmp/quick --quick        # 4 problems, N = 4
 
 **Problems.** The real middle line of a play is not an exact posterior sample (the
@@ -18,12 +18,12 @@ upper bound; their gap bounds the sampler's symmetric KL to sigma
 
 - ``smc``: the base model as proposal, no twist.
 - ``smc-twist``: the suffix likelihood of the prefix as the twist (the evals' heuristic).
-- ``smc-learned``: the CTL twist head of ``evals/twists/line-infill`` (trained by
+- ``smc-learned``: the CTL twist head of ``evals/artifacts/twists/line-infill`` (trained by
   ``recipes/configs/twist_ctl_line_infill.yaml`` on synthetic problems from the training
   plays), reading the suffix through ``text_features``; base proposal.
 - ``smc-learned-q``: the same twist with its locally optimal proposal q ∝ p·psi (the
   last token, where every token completes a line, from p).
-- ``gfn-is``: the GFlowNet LoRA policy of ``evals/adapters/line-infill`` as the proposal
+- ``gfn-is``: the GFlowNet LoRA policy of ``evals/artifacts/adapters/line-infill`` as the proposal
   of importance sampling (no resampling).
 - ``gfn-flow``: the same policy as the SMC proposal with its implied flow as the twist
   (:class:`llmsample.gfn.FlowTwist`).
@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 import llmsample
+from evals.paths import ADAPTERS, TWISTS, refuse_old
 from evals.report import commit_line
 from llmsample.ctl.head import LearnedTwist, TwistHead, text_features
 from llmsample.diagnostics.bounds import joint_infill_samples
@@ -57,8 +58,6 @@ from llmsample.provenance import provenance
 
 __all__ = ["run_bounds", "main", "METHODS", "TWISTS"]
 
-ROOT = Path(__file__).resolve().parent
-TWISTS = ROOT / "twists"  # CTL twist heads, one folder per task
 METHODS = ("smc", "smc-twist", "smc-learned", "smc-learned-q", "gfn-is", "gfn-flow")
 
 
@@ -164,9 +163,7 @@ def run_bounds(
     joint, T = _problems(model, tok, problems, suffix_tokens, seed=12345)
     policy = None
     if any(m.startswith("gfn") for m in methods):
-        policy, _ = llmsample.load_model(
-            "shakespeare-tiny", adapter=str(ROOT / "adapters" / "line-infill")
-        )
+        policy, _ = llmsample.load_model("shakespeare-tiny", adapter=str(ADAPTERS / "line-infill"))
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for name in methods:
         for n in sizes:
@@ -238,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="4 problems, N = 4, 1 seed")
     args = p.parse_args(argv)
+    refuse_old(args.out, "--out")
     command = " ".join(["python -m evals.infill_bounds", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(max(1, args.threads))

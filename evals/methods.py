@@ -31,7 +31,7 @@ the same ``k`` draws per prompt (``--samples``, 4 by default):
   ``smc-twist-indep`` with ``stop_guard=True`` (no EOS while a concept is missing; exact).
 - ``smc-guard`` N=64: the same at 4x the compute (the one row that is not at equal
   forward tokens).
-- with ``evals/adapters/commongen/adapter_config.json``: ``gfn`` (16 samples of the
+- with ``evals/artifacts/adapters/commongen/adapter_config.json``: ``gfn`` (16 samples of the
   GFlowNet policy) and ``smc-gfn`` (SMC with the policy as the proposal and the prefix
   twist; weights against p_base * phi).
 """
@@ -42,11 +42,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
 import llmsample
+from evals.paths import ADAPTERS, TWISTS
 from llmsample.hf.prompts import encode_prompts, line_end_ids
 from llmsample.hf.session import score_continuations
 from llmsample.output import SamplingOutput
@@ -57,10 +57,8 @@ __all__ = ["Method", "methods", "draws", "score_texts", "ADAPTERS", "TWISTS", "N
 # sequences per prompt (samples, beams, particles) for every commongen method
 N_COMMONGEN = 16
 
-# GFlowNet LoRA policies trained by recipes/configs/gfn_<task>.yaml, one per task
-ADAPTERS = Path(__file__).resolve().parent / "adapters"
-# CTL twist heads trained by recipes/configs/twist_ctl_<task>.yaml, one per task
-TWISTS = Path(__file__).resolve().parent / "twists"
+# ADAPTERS: GFlowNet LoRA policies (recipes/configs/gfn_<task>.yaml), one per task;
+# TWISTS: CTL twist heads (recipes/configs/twist_ctl_<task>.yaml); see evals.paths
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Aggregate finished cells into a summary, a markdown table and a Pareto plot.
 
-    python -m evals.report evals/results/keywords      # re-render from the cells
+    python -m evals.report evals/artifacts/results/keywords   # re-render from the cells
 
 Per (method, knob): quality against the references (sentence BLEU with effective
 order and ROUGE-L, means with a 95% bootstrap CI over prompts x seeds; corpus BLEU
@@ -363,6 +363,9 @@ def write_report(out: Path, meta: dict) -> dict:
 
 
 if __name__ == "__main__":
+    from evals.paths import refuse_old
+
+    refuse_old(sys.argv[1], "the folder")
     target = Path(sys.argv[1])
     previous = json.loads((target / "summary.json").read_text())["meta"]
     write_report(target, previous)

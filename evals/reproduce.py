@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evals.paths import RESULTS
+
 __all__ = ["ISA_ENV", "Entry", "ENTRIES", "compare", "reproduce", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +44,6 @@ ISA_ENV = {
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }
-RESULTS = ROOT / "evals" / "results"
 # keys of no scientific content: how long things took, where they went, who ran them
 SKIP = {
     "wall_s",
@@ -153,7 +154,7 @@ def compare(committed: dict, fresh: dict, sections, rtol: float, atol: float = 1
 
 
 def reproduce(entry: Entry, rtol: float, update: bool = False) -> dict:
-    """Rerun ``entry`` in a scratch folder and compare it with evals/results/<name>."""
+    """Rerun ``entry`` in a scratch folder and compare it with evals/artifacts/results/<name>."""
     target = RESULTS / entry.name
     with tempfile.TemporaryDirectory(prefix=f"reproduce-{entry.name}-") as tmp:
         out = Path(tmp) / entry.name
@@ -172,8 +173,9 @@ def reproduce(entry: Entry, rtol: float, update: bool = False) -> dict:
         result = compare(committed, fresh, entry.sections, rtol) | dict(seconds=seconds)
         if update:
             target.mkdir(parents=True, exist_ok=True)
+            committed_dir = f"evals/artifacts/results/{entry.name}"
             for name in entry.files:  # the commands inside name the committed folder
-                text = (out / name).read_text().replace(str(out), f"evals/results/{entry.name}")
+                text = (out / name).read_text().replace(str(out), committed_dir)
                 (target / name).write_text(text)
             result["updated"] = True
     return result
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
     if args.list:
         for n in names:
             e = ENTRIES[n]
-            cmd = " ".join(e.command).replace("{out}", f"evals/results/{n}")
+            cmd = " ".join(e.command).replace("{out}", f"evals/artifacts/results/{n}")
             print(f"{n:20s} ~{e.minutes:g} min  {cmd}")
         return 0
     failed = []

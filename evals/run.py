@@ -1,9 +1,9 @@
 """Run an eval task: every (method, knob, seed) cell, resumable, then the report.
 
-    python -m evals.run --task keywords --out evals/results/keywords
-    python -m evals.run --task line-infill --out evals/results/line-infill --seeds 0 1 2
-    python -m evals.run --task exact --out evals/results/exact
-    python -m evals.run --task commongen --model smollm2-135m-instruct --out evals/results/commongen
+    python -m evals.run --task keywords --out evals/artifacts/results/keywords
+    python -m evals.run --task line-infill --out evals/artifacts/results/line-infill --seeds 0 1 2
+    python -m evals.run --task exact --out evals/artifacts/results/exact
+    python -m evals.run --task commongen --out evals/artifacts/results/commongen
     python -m evals.run --task keywords --out /tmp/quick --quick   # a few prompts, small grid
 
 Each finished cell is written to ``<out>/cells/<method>[<knob>]-seed<s>.jsonl`` (one
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 import llmsample
 from evals import report
 from evals.methods import draws, methods, score_texts
+from evals.paths import refuse_old
 from llmsample.data.tasks import build_task
 from llmsample.provenance import provenance
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         help="torch CPU threads (use 1 per process when running several processes)",
     )
     args = p.parse_args(argv)
+    refuse_old(args.out, "--out")
     for key, value in TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["*"]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -32,7 +32,7 @@ from llmsample.hf.prompts import encode_prompts
 from llmsample.hf.session import vocab_size
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal, Proposal
 from llmsample.smc.config import SMCConfig
 from llmsample.smc.engine import run_smc

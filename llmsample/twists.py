@@ -25,7 +25,7 @@ from torch import Tensor
 
 from llmsample.hf.prompts import PromptBatch
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 
 __all__ = ["Twist", "NoTwist", "PotentialTwist", "resolve_twist"]
 

@@ -27,6 +27,10 @@ token, over the held-out plays) is logged every ``eval_every`` steps and at the 
 so no event is repeated) and ``<out_dir>/metrics.json`` the final numbers. When the run
 finishes (not when interrupted) the model is exported in fp16 with its tokenizer to
 ``export_dir`` (``none`` to skip). A config error exits with status 2.
+
+The loop, checkpoints, resume, log and stop signals are the shared
+:class:`llmsample.train.base.Trainer`'s (:class:`PretrainTrainer` implements the step, the
+data position it checkpoints, the evaluation and the export).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,14 +60,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from llmsample import checkpoints as ckpt
 from llmsample import config
 from llmsample.data.shakespeare import DEFAULT_HELDOUT, load_plays, split_plays
+from llmsample.train import TrainConfig, Trainer, make_accelerator
+from llmsample.train import checkpoints as ckpt
 
 EOS_TOKEN = "<|endoftext|>"
 ARCHS = ("llama", "gpt2")
-CHECKPOINT_PREFIX = "step_"
-DONE_MARKER = "train_state.json"  # written last: a checkpoint without it is incomplete
 # files of a run besides checkpoints: deleted by --overwrite (LOG is cut back on resume)
 LOG, RUN_FILES = "log.jsonl", ("metrics.json", "tokenizer", "data_split.json")
 
@@ -371,49 +373,208 @@ def lr_factor(step: int, progress: float, cfg: PretrainConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class TrainState:
-    """Counters saved with each checkpoint (the data position is ``epoch``, ``batch``)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    tokens_seen: int = 0
-    train_seconds: float = 0.0
-    last_val_loss: float | None = None
+# --------------------------------------------------------------------------- training
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
-    return ckpt.list_checkpoints(out_dir / "checkpoints", DONE_MARKER)
+    return ckpt.list_checkpoints(out_dir / "checkpoints")
 
 
-def save_checkpoint(
-    accelerator: Accelerator, out_dir: Path, state: TrainState, cfg: PretrainConfig
-) -> Path:
-    """``llmsample.train.checkpoints.save_checkpoint``: accelerate state, ``cfg`` (checked on
-    resume), the size of ``log.jsonl`` (cut back to on resume) and ``state``."""
-    return ckpt.save_checkpoint(
-        accelerator,
-        out_dir / "checkpoints",
-        state.step,
-        dataclasses.asdict(state),
-        keep=cfg.keep_checkpoints,
-        config=cfg,
-        logs=[out_dir / LOG],
-        marker=DONE_MARKER,
+def train_config(cfg: PretrainConfig) -> TrainConfig:
+    """The shared loop's settings from this recipe's fields (``max_steps`` is its
+    ``steps``, ``grad_clip`` its ``max_grad_norm``). ``max_minutes`` is not passed on: the
+    shared budget interrupts a run whose schedule spans its steps, while here the cosine
+    schedule spans the budget, so reaching it finishes the run (:meth:`PretrainTrainer.is_done`)."""
+    return TrainConfig(
+        steps=cfg.max_steps,
+        seed=cfg.seed,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.grad_clip,
+        out_dir=cfg.out_dir,
+        save_every=cfg.save_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+        log_every=cfg.log_every,
+        eval_every=cfg.eval_every,
+        overwrite=cfg.overwrite,
     )
 
 
-def checkpoint(accelerator, out_dir: Path, state: TrainState, cfg: PretrainConfig, log) -> None:
-    """Log the ``checkpoint`` event, then save: the event is part of the log the
-    checkpoint records (and cuts back to on resume), as in an uninterrupted run."""
-    path = out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.step:07d}"
-    log("checkpoint", step=state.step, path=str(path))
-    save_checkpoint(accelerator, out_dir, state, cfg)
+class PretrainTrainer(Trainer):
+    """Next-token cross-entropy on shuffled windows of the training stream. The data
+    position (``epoch``, ``batch``) is checkpointed, so a resumed run reads the batches the
+    uninterrupted one would have; the learning rate is set each step from the step and the
+    time trained (:func:`lr_factor`). ``self.run_config`` is the recipe's config."""
+
+    name = "pretrain"
+    postfix = {"loss": ".3f", "lr": ".2e"}
+
+    def __init__(self, cfg: PretrainConfig, acc, model, tokenizer, train_ids, val_ids, split):
+        super().__init__(
+            train_config(cfg), acc, evaluate=self.validate, run_config=cfg, log_file=LOG
+        )
+        self.tokenizer, self.train_ids, self.val_ids, self.split = (
+            tokenizer,
+            train_ids,
+            val_ids,
+            split,
+        )
+        self.n_params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+        )
+        self.model, self.opt = acc.prepare(model, optimizer)
+        self.model.train()
+        self.epoch, self.batch, self.tokens_seen, self.last_val_loss = 0, 0, 0, None
+        self.global_batch = cfg.batch_size * acc.num_processes
+        self.windows = epoch_windows(len(train_ids), cfg.context_length, cfg.seed, 0)
+        if len(self.windows) < self.global_batch:
+            raise ValueError(
+                f"training stream has {len(self.windows)} windows of {cfg.context_length} "
+                f"tokens, fewer than one batch of {self.global_batch}"
+            )
+        self.loss_sum, self.loss_count, self.window_start = 0.0, 0, None  # since the last log
+        self.resumed_from, self.elapsed_before = None, 0.0  # this invocation's start
+        self.final_val_loss, self.export_info = None, {}
+
+    @property
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    def progress(self) -> float:
+        """How far the schedule is: steps or time, whichever budget runs out first."""
+        cfg = self.run_config
+        by_time = self.elapsed / (cfg.max_minutes * 60.0) if cfg.max_minutes else 0.0
+        return max(self.step / cfg.max_steps, by_time)
+
+    def is_done(self) -> bool:
+        budget_s = self.run_config.max_minutes * 60.0
+        return super().is_done() or bool(budget_s and self.elapsed >= budget_s)
+
+    def train_step(self) -> dict:
+        cfg, acc, ctx = self.run_config, self.acc, self.run_config.context_length
+        if self.window_start is None:
+            self.window_start = (time.monotonic(), self.tokens_seen)
+        if (self.batch + 1) * self.global_batch > len(self.windows):
+            self.epoch, self.batch = self.epoch + 1, 0
+            self.windows = epoch_windows(len(self.train_ids), ctx, cfg.seed, self.epoch)
+        lo = self.batch * self.global_batch + acc.process_index * cfg.batch_size
+        batch = gather_windows(self.train_ids, self.windows[lo : lo + cfg.batch_size], ctx + 1)
+        batch = batch.to(acc.device)
+        lr = cfg.lr * lr_factor(self.step, self.progress(), cfg)  # this step's learning rate
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with acc.autocast():
+            logits = self.model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
+        acc.backward(loss)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.batch += 1
+        self.tokens_seen += self.global_batch * ctx
+        self.loss_sum += loss.item()
+        self.loss_count += 1
+        return dict(loss=loss.item(), lr=lr)
+
+    def train_record(self, metrics: dict) -> dict:
+        """The mean loss and the throughput since the last ``train`` event."""
+        now, (since, tokens) = time.monotonic(), self.window_start
+        record = dict(
+            event="train",
+            step=self.step,
+            epoch=self.epoch,
+            loss=self.loss_sum / self.loss_count,
+            lr=metrics["lr"],
+            tokens_seen=self.tokens_seen,
+            tokens_per_s=(self.tokens_seen - tokens) / max(now - since, 1e-9),
+            train_seconds=self.elapsed,
+        )
+        self.loss_sum, self.loss_count, self.window_start = 0.0, 0, (now, self.tokens_seen)
+        return record
+
+    def start_info(self) -> dict:
+        return dict(
+            config=dataclasses.asdict(self.run_config), n_params=self.n_params, **self.split
+        )
+
+    def extra_state(self) -> dict:
+        keys = ("epoch", "batch", "tokens_seen", "last_val_loss")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.epoch, self.batch = extra["epoch"], extra["batch"]
+        self.tokens_seen, self.last_val_loss = extra["tokens_seen"], extra["last_val_loss"]
+        cfg = self.run_config
+        self.windows = epoch_windows(len(self.train_ids), cfg.context_length, cfg.seed, self.epoch)
+
+    def resume(self) -> bool:
+        resumed = super().resume()
+        self.resumed_from = self.step if resumed else None
+        self.elapsed_before = self.elapsed
+        return resumed
+
+    def save(self) -> Path:
+        """Log the ``checkpoint`` event, then save: the event is part of the log the
+        checkpoint records (and cuts back to on resume), as in an uninterrupted run."""
+        path = self.out / "checkpoints" / f"step_{self.step:07d}"
+        self.log(dict(event="checkpoint", step=self.step, path=str(path)))
+        return super().save()
+
+    def validate(self, model, step: int) -> dict:
+        """Validation loss and perplexity; the final one (the run finished) in full fp32,
+        whatever the training precision."""
+        cfg, t0 = self.run_config, time.time()
+        if self.finished:
+            model = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            val_loss, n_tok = evaluate(model, self.acc, self.val_ids, cfg, mixed_precision=False)
+            self.final_val_loss = val_loss
+            seen = dict(tokens_seen=self.tokens_seen, final=True)
+        else:
+            val_loss, n_tok = evaluate(model, self.acc, self.val_ids, cfg)
+            self.last_val_loss = val_loss
+            seen = dict(tokens_seen=self.tokens_seen, eval_seconds=time.time() - t0)
+            if self.acc.is_main_process:
+                tqdm.write(f"[pretrain] step {step}: val ppl {math.exp(val_loss):.2f}")
+        return dict(val_loss=val_loss, val_ppl=math.exp(val_loss), val_tokens=n_tok, **seen)
+
+    def export(self) -> Path | None:
+        """The fp16 model and tokenizer in ``export_dir``, scored again once reloaded."""
+        cfg = self.run_config
+        if not cfg.export_dir:
+            return None
+        path = Path(cfg.export_dir)
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.model, keep_fp32_wrapper=False)
+            info = dict(
+                final_val_ppl=math.exp(self.final_val_loss),
+                steps=self.step,
+                tokens_seen=self.tokens_seen,
+                n_params=self.n_params,
+                heldout_plays=self.split["heldout_plays"],
+            )
+            self.export_info = export_fp16(model, self.tokenizer, path, info)
+            export_loss, _ = evaluate(
+                AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32),
+                self.acc, self.val_ids, cfg, mixed_precision=False, distributed=False,
+            )  # fmt: skip
+            self.export_info["export_val_ppl"] = math.exp(export_loss)
+            self.log(dict(event="export", step=self.step, path=str(path),
+                          val_ppl=self.export_info["export_val_ppl"],
+                          size_bytes=self.export_info["export_size_bytes"]))  # fmt: skip
+        self.acc.wait_for_everyone()
+        return path
 
 
 # --------------------------------------------------------------------------- eval and logging
@@ -494,18 +655,6 @@ def machine_info(accelerator: Accelerator) -> dict:
     }
 
 
-class JsonlLog:
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def __call__(self, event: str, **fields) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(
-                    json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
-                )
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -516,13 +665,7 @@ def main(cfg: PretrainConfig) -> dict:
     wall_start = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     out_dir = Path(cfg.out_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    log = JsonlLog(out_dir / LOG, accelerator.is_main_process)
-
     checkpoints = [] if cfg.overwrite else list_checkpoints(out_dir)
     if cfg.resume is True and not checkpoints:
         raise ckpt.ResumeConflict(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
@@ -531,18 +674,13 @@ def main(cfg: PretrainConfig) -> dict:
             f"{out_dir} has checkpoints and resume=false; use a new out_dir, pass --overwrite "
             "to start fresh, or allow resuming"
         )
-    # checks cfg against the checkpoint's config, cuts log.jsonl back to it (or deletes
-    # the run's files for --overwrite)
-    resume_from = ckpt.resume_point(
-        out_dir,
-        cfg,
-        logs=[out_dir / LOG],
-        fresh=[out_dir / name for name in RUN_FILES],
-        acc=accelerator,
-        marker=DONE_MARKER,
-        name="pretrain",
-    )
-    resumed_from_step = None
+    ckpt.check_resume(out_dir, cfg)  # refuse other settings before any slow setup
+    accelerator = make_accelerator(train_config(cfg), mixed_precision=cfg.mixed_precision)
+    if accelerator.is_main_process:
+        if cfg.overwrite:  # the run's own files too (the trainer deletes checkpoints and log)
+            ckpt.start_fresh(out_dir, [out_dir / name for name in (LOG, *RUN_FILES)])
+        out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
 
     # The split is fixed by the config; a resumed run must keep the same one.
     train_texts, val_texts, split = build_corpus(cfg)
@@ -571,241 +709,67 @@ def main(cfg: PretrainConfig) -> dict:
 
     set_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
-    n_params = sum(p.numel() for p in model.parameters())  # shared (tied) tensors once
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-    )
-    state = TrainState()
-    budget_s = cfg.max_minutes * 60.0
-    loop_start = time.time()
-    elapsed_before = 0.0
-
-    def progress() -> float:
-        by_steps = state.step / cfg.max_steps
-        by_time = (elapsed_before + time.time() - loop_start) / budget_s if budget_s else 0.0
-        return max(by_steps, by_time)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda _: lr_factor(state.step, progress(), cfg)
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        saved = json.loads((resume_from / DONE_MARKER).read_text())
-        state = TrainState(**saved)
-        resumed_from_step = state.step
-        elapsed_before = state.train_seconds
-        for group in optimizer.param_groups:  # the schedule may depend on changed max_steps
-            group["lr"] = cfg.lr * lr_factor(state.step, progress(), cfg)
-        log("resume", checkpoint=str(resume_from), step=state.step, tokens_seen=state.tokens_seen)
-    else:
-        log("start", config=dataclasses.asdict(cfg), n_params=n_params, **split)
+    trainer = PretrainTrainer(cfg, accelerator, model, tokenizer, train_ids, val_ids, split)
     if accelerator.is_main_process:
         print(
-            f"[pretrain] {cfg.arch} {n_params / 1e6:.2f}M params | vocab {len(tokenizer)} | "
+            f"[pretrain] {cfg.arch} {trainer.n_params / 1e6:.2f}M params | "
+            f"vocab {len(tokenizer)} | "
             f"train {len(train_ids):,} tokens ({len(train_names)} plays) | "
             f"val {len(val_ids):,} tokens ({', '.join(heldout_names)})",
             file=sys.stderr,
         )
+    result = trainer.train()
 
-    ctx, world, rank = cfg.context_length, accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.batch_size * world
-    windows = epoch_windows(len(train_ids), ctx, cfg.seed, state.epoch)
-    if len(windows) < global_batch:
-        raise ValueError(
-            f"training stream has {len(windows)} windows of {ctx} tokens, "
-            f"fewer than one batch of {global_batch}"
-        )
-
-    loop_start = time.time()
-    last_log_time, last_log_tokens = loop_start, state.tokens_seen
-    loss_sum, loss_count = 0.0, 0
-    stop_reason = None
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=state.step,
-        desc="pretrain",
-        dynamic_ncols=True,
-        disable=not accelerator.is_main_process,
-    )
-    model.train()
-    signame = None  # the signal that stopped the run (here or in another process)
-    with ckpt.StopFlag() as stop:
-        while True:
-            state.train_seconds = elapsed_before + (time.time() - loop_start)
-            if state.step >= cfg.max_steps:
-                stop_reason = "max_steps"
-            elif budget_s and state.train_seconds >= budget_s:
-                stop_reason = "max_minutes"
-            elif stop.signal is not None:
-                signame = stop.name
-                stop_reason = f"signal {signame}"
-            if world > 1:  # clocks and signals differ between processes: agree on the stop
-                signum = stop.signal if signame else 0
-                votes = torch.tensor(
-                    [[float(stop_reason is not None and not signum), float(signum)]],
-                    device=accelerator.device,
-                )
-                finish, signum = accelerator.gather(votes).max(dim=0).values.tolist()
-                if signum and not signame:
-                    signame = signal.Signals(int(signum)).name
-                    stop_reason = f"signal {signame} (in another process)"
-                elif finish and not stop_reason:
-                    stop_reason = "max_minutes (in another process)"
-            if stop_reason:
-                break
-
-            if (state.batch + 1) * global_batch > len(windows):
-                state.epoch, state.batch = state.epoch + 1, 0
-                windows = epoch_windows(len(train_ids), ctx, cfg.seed, state.epoch)
-            lo = state.batch * global_batch + rank * cfg.batch_size
-            batch = gather_windows(train_ids, windows[lo : lo + cfg.batch_size], ctx + 1)
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                logits = model(input_ids=batch[:, :-1]).logits
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-            )
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]  # this step's learning rate
-            optimizer.step()
-            state.step += 1  # the scheduler sets the learning rate of the next step
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.batch += 1
-            state.tokens_seen += global_batch * ctx
-            loss_sum += loss.item()
-            loss_count += 1
-            bar.update(1)
-
-            if state.step % cfg.log_every == 0:
-                now = time.time()
-                train_loss = loss_sum / loss_count
-                tok_s = (state.tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9)
-                elapsed = elapsed_before + now - loop_start
-                bar.set_postfix(
-                    loss=f"{train_loss:.3f}",
-                    lr=f"{lr:.2e}",
-                    tok_s=f"{tok_s:.0f}",
-                    min=f"{elapsed / 60:.1f}",
-                )
-                log(
-                    "train",
-                    step=state.step,
-                    epoch=state.epoch,
-                    loss=train_loss,
-                    lr=lr,
-                    tokens_seen=state.tokens_seen,
-                    tokens_per_s=tok_s,
-                    train_seconds=elapsed,
-                )
-                last_log_time, last_log_tokens = now, state.tokens_seen
-                loss_sum, loss_count = 0.0, 0
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
-                t0 = time.time()
-                val_loss, n_tok = evaluate(model, accelerator, val_ids, cfg)
-                state.last_val_loss = val_loss
-                log(
-                    "eval",
-                    step=state.step,
-                    val_loss=val_loss,
-                    val_ppl=math.exp(val_loss),
-                    val_tokens=n_tok,
-                    tokens_seen=state.tokens_seen,
-                    eval_seconds=time.time() - t0,
-                )
-                bar.write(f"[pretrain] step {state.step}: val ppl {math.exp(val_loss):.2f}")
-            if state.step % cfg.save_every == 0 and state.step < cfg.max_steps:
-                state.train_seconds = elapsed_before + (time.time() - loop_start)
-                checkpoint(accelerator, out_dir, state, cfg, log)
-        bar.close()
-
-        # Final checkpoint (unless the newest one already is this step), eval, metrics.
-        state.train_seconds = elapsed_before + (time.time() - loop_start)
-        newest = list_checkpoints(out_dir)
-        if not newest or newest[-1].name != f"{CHECKPOINT_PREFIX}{state.step:07d}":
-            checkpoint(accelerator, out_dir, state, cfg, log)
-    interrupted = signame is not None
+    step, finished, t = trainer.step, result["finished"], trainer
+    if not finished:
+        stop_reason = f"signal {result['stopped_by']}"
+    else:
+        stop_reason = "max_steps" if step >= cfg.max_steps else "max_minutes"
     metrics = {
-        "final_val_ppl": None,
-        "final_val_loss": None,
-        "val_tokens": None,
-        "steps": state.step,
-        "epochs": state.epoch + state.batch * global_batch / max(len(windows), 1),
-        "tokens_seen": state.tokens_seen,
-        "train_seconds": state.train_seconds,
-        "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
-        "steps_per_s": (state.step - (resumed_from_step or 0))
-        / max(state.train_seconds - elapsed_before, 1e-9),
+        "final_val_ppl": result["val_ppl"] if finished else None,
+        "final_val_loss": result["val_loss"] if finished else None,
+        "val_tokens": result["val_tokens"] if finished else None,
+        "steps": step,
+        "epochs": t.epoch + t.batch * t.global_batch / max(len(t.windows), 1),
+        "tokens_seen": t.tokens_seen,
+        "train_seconds": t.elapsed,
+        "tokens_per_s": t.tokens_seen / max(t.elapsed, 1e-9),
+        "steps_per_s": (step - (t.resumed_from or 0)) / max(t.elapsed - t.elapsed_before, 1e-9),
         "wall_seconds_this_invocation": None,
         "stop_reason": stop_reason,
         # {"signal", "step", "exit_status"} when SIGINT / SIGTERM stopped the run, else null
-        "stopped_by_signal": ckpt.signal_stop(signame, state.step),
-        "val_step": None,  # the step final_val_* and export_val_ppl were measured at
-        "resumed_from_step": resumed_from_step,
-        "n_params": n_params,
+        "stopped_by_signal": ckpt.signal_stop(result["stopped_by"], step),
+        "val_step": result["eval_step"] if finished else None,  # of final_val_* and export
+        "resumed_from_step": t.resumed_from,
+        "n_params": t.n_params,
         "train_tokens": len(train_ids),
         "heldout_plays": heldout_names,
         "machine": machine_info(accelerator),
         "config": dataclasses.asdict(cfg),
+        **t.export_info,
     }
-    base = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if not interrupted:  # final validation in full fp32, whatever the training precision
-        val_loss, n_tok = evaluate(base, accelerator, val_ids, cfg, mixed_precision=False)
-        metrics.update(final_val_loss=val_loss, final_val_ppl=math.exp(val_loss), val_tokens=n_tok)
-        metrics["val_step"] = state.step
-        log(
-            "eval",
-            step=state.step,
-            val_loss=val_loss,
-            val_ppl=math.exp(val_loss),
-            val_tokens=n_tok,
-            tokens_seen=state.tokens_seen,
-            final=True,
-        )
-    if cfg.export_dir and not interrupted and accelerator.is_main_process:
-        metrics.update(export(base, tokenizer, Path(cfg.export_dir), metrics))
-        export_loss, _ = evaluate(
-            AutoModelForCausalLM.from_pretrained(cfg.export_dir, dtype=torch.float32),
-            accelerator, val_ids, cfg, mixed_precision=False, distributed=False,
-        )  # fmt: skip
-        metrics["export_val_ppl"] = math.exp(export_loss)
-        log("export", path=str(cfg.export_dir), val_ppl=metrics["export_val_ppl"],
-            size_bytes=metrics["export_size_bytes"])  # fmt: skip
     metrics["wall_seconds_this_invocation"] = time.time() - wall_start
     if accelerator.is_main_process:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if accelerator.is_main_process and not interrupted:  # run_recipe reports signal stops
+    if accelerator.is_main_process and finished:  # run_recipe reports signal stops
         ppl = metrics["final_val_ppl"]
         print(
-            f"[pretrain] {stop_reason}: step {state.step}, {state.tokens_seen:,} tokens, "
-            f"{state.train_seconds / 60:.1f} min"
-            + (f", val ppl {ppl:.2f}" if ppl is not None else ", checkpoint saved"),
+            f"[pretrain] {stop_reason}: step {step}, {t.tokens_seen:,} tokens, "
+            f"{t.elapsed / 60:.1f} min, val ppl {ppl:.2f}",
             file=sys.stderr,
         )
     accelerator.wait_for_everyone()
     return metrics
 
 
-def export(model, tokenizer, export_dir: Path, metrics: dict) -> dict:
-    """fp16 safetensors weights + the tokenizer, loadable offline with the Auto classes."""
+def export_fp16(model, tokenizer, export_dir: Path, info: dict) -> dict:
+    """fp16 safetensors weights + the tokenizer, loadable offline with the Auto classes;
+    ``info`` goes to ``training_info.json``. Returns the folder and its size."""
     export_dir.mkdir(parents=True, exist_ok=True)
     half = copy.deepcopy(model).to("cpu").half().eval()
     half.save_pretrained(str(export_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(export_dir))
-    info = {k: metrics[k] for k in ("final_val_ppl", "steps", "tokens_seen", "n_params")}
-    info["heldout_plays"] = metrics["heldout_plays"]
-    info["recipe"] = "recipes/pretrain_tiny_lm.py"
+    info = dict(info, recipe="recipes/pretrain_tiny_lm.py")
     (export_dir / "training_info.json").write_text(json.dumps(info, indent=2))
     size = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
     return {"export_dir": str(export_dir), "export_size_bytes": size}

@@ -114,4 +114,7 @@ def vllm_engine(tmp_path_factory):
         enforce_eager=True,
         seed=0,
     )
-    return llm, folder
+    yield llm, folder
+    from llmsample.vllm import shutdown
+
+    shutdown(llm)  # its processes stop now, not in a noisy interpreter-exit cleanup

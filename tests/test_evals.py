@@ -87,3 +87,28 @@ def test_report_lists_every_command_that_shared_the_grid(tmp_path):
     assert _commands(out, a) == [b, a]  # a rerun moves to the end, never twice
     full = "python -m evals.run --task commongen --out x"
     assert _commands(out, full) == [full]  # the whole grid stands alone
+
+
+def test_artifacts_sit_apart_from_the_code(monkeypatch, tmp_path):
+    """Issue 16: trained adapters, twist heads and results live under evals/artifacts; a
+    path in their old folders is refused before any work, naming the new one."""
+    from evals import coverage_ceiling, infill_bounds, paths
+
+    evals = ROOT / "evals"
+    assert paths.ARTIFACTS == evals / "artifacts"
+    assert not any((evals / old).exists() for old in ("adapters", "twists", "results"))
+    assert (paths.ADAPTERS / "line-infill" / "adapter_config.json").is_file()
+    assert (paths.TWISTS / "line-infill" / "twist_head.pt").is_file()
+    assert (paths.RESULTS / "exact" / "summary.json").is_file()
+    monkeypatch.chdir(ROOT)
+    paths.refuse_old(tmp_path)  # anything else passes
+    paths.refuse_old("evals/artifacts/results/keywords")
+    with pytest.raises(SystemExit, match="use evals/artifacts/results/keywords"):
+        main(["--task", "keywords", "--out", "evals/results/keywords", "--quick"])
+    with pytest.raises(SystemExit, match="use evals/artifacts/results/line-infill-bounds"):
+        infill_bounds.main(["--out", "evals/results/line-infill-bounds", "--quick"])
+    with pytest.raises(SystemExit, match=r"use evals/artifacts/results/commongen/cells/a\.jsonl"):
+        coverage_ceiling.main(["evals/results/commongen/cells/a.jsonl"])
+    with pytest.raises(SystemExit, match="use evals/artifacts/twists$"):
+        paths.refuse_old(evals / "twists")
+    assert not (evals / "results").exists()  # nothing was written there

@@ -76,17 +76,17 @@ def test_commongen_recipe_on_a_chat_model_resumes_after_a_kill(tmp_path, monkeyp
     class Killed(Exception):
         pass
 
-    log = gfn_lora.GFNTrainer._log
+    log = gfn_lora.GFNTrainer.log
 
     def dying_log(self, record):
         log(self, record)
         if record["event"] == "train" and record["step"] == 3:
             raise Killed
 
-    monkeypatch.setattr(gfn_lora.GFNTrainer, "_log", dying_log)
+    monkeypatch.setattr(gfn_lora.GFNTrainer, "log", dying_log)
     with pytest.raises(Killed):
         run(tmp_path / "b")
-    monkeypatch.setattr(gfn_lora.GFNTrainer, "_log", log)
+    monkeypatch.setattr(gfn_lora.GFNTrainer, "log", log)
     resumed = run(tmp_path / "b")
     assert resumed["final"]["finished"]
 

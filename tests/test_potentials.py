@@ -417,6 +417,18 @@ def test_classifier_unknown_label(classifier):
         Classifier(classifier, make_tokenizer(with_pad=True), label="maybe")
 
 
+def test_classifier_scores_a_batch_of_empty_texts(classifier):
+    # regression: rows that all end at once with EOS (empty replies) used to crash the
+    # forward pass (a [R, 0] batch); each empty text scores as it does beside a longer one
+    ctok = make_tokenizer(with_pad=True)
+    phi = Classifier(classifier, ctok, label=1, as_twist=True)
+    empty = phi.complete(particles([[EOS], [EOS]]))
+    mixed = phi.complete(particles([[EOS], [0, 1]]))
+    assert empty.shape == (2,) and torch.isfinite(empty).all()
+    torch.testing.assert_close(empty, mixed[[0, 0]])
+    torch.testing.assert_close(phi.prefix(particles([[], []])), empty)
+
+
 # --------------------------------------------------------------------------- Reward
 
 

@@ -46,7 +46,7 @@ def test_results_files_name_their_command():
         summary = json.loads((RESULTS / name / "summary.json").read_text())
         command = summary.get("command") or summary["meta"]["command"]
         assert command.split()[:2] == list(entry.command[:2]), (name, command)
-        assert f"evals/results/{name}" in command or name == "exact", command
+        assert f"evals/artifacts/results/{name}" in command or name == "exact", command
 
 
 def test_provenance_names_the_commit():

@@ -159,14 +159,14 @@ def test_log_has_no_duplicates_after_a_kill_and_resume(tmp_path):
 
     killed = _gfn(tmp_path / "b", **kw)
     killed.evaluate = lambda policy, step: {"step_seen": step}
-    inner = killed._log
+    inner = killed.log
 
     def log(record):
         inner(record)
         if record["event"] == "train" and record["step"] == 3:
             raise Killed
 
-    killed._log = log
+    killed.log = log
     with pytest.raises(Killed):
         killed.train()
     assert ("train", 3) in _keys(_events(tmp_path / "b" / "metrics.jsonl"))

@@ -145,3 +145,54 @@ def test_vllm_ancestral_and_beam(vllm_engine):
     assert torch.allclose(out.log_weights.exp(), torch.full((2, 5), 0.2, dtype=torch.float64))
     with pytest.raises(ValueError, match="vLLM has its own beam search"):
         llmsample.beam_generate(vllm_engine[0], tok, ["a b"])
+
+
+def test_recipe_shards_over_replicas_and_resumes(vllm_engine, tmp_path):
+    """recipes/smc_vllm.py: two replicas (two engines) share the concept sets and the
+    merged file is in dataset order; after a kill, a rerun keeps what the parts hold and
+    computes the rest, and a concept set's draws do not depend on the replica count
+    (each chunk is seeded by its first concept set)."""
+    import json
+    import shutil
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import smc_vllm
+
+    out = tmp_path / "smc.jsonl"
+    cfg = smc_vllm.SMCvLLMConfig(
+        model=vllm_engine[1],
+        out=str(out),
+        prompts=4,
+        replicas=2,
+        prompts_per_call=1,
+        num_particles=4,
+        max_new_tokens=4,
+        resample_every=2,
+        chat=False,  # the toy tokenizer has no chat template
+        dtype="float32",
+        enforce_eager=True,
+    )
+    assert smc_vllm.main(cfg)["computed"] == 4
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert {r["replica"] for r in rows} == {0, 1}
+    for r in rows:
+        assert len(r["texts"]) == 4 and math.isfinite(r["log_z"])
+        assert torch.tensor(r["log_weights"]).logsumexp(0) == pytest.approx(0.0, abs=1e-6)
+
+    parts = tmp_path / "smc.jsonl.parts"  # a kill after two concept sets, one line cut
+    shutil.rmtree(parts)
+    parts.mkdir()
+    kept = [dict(r, log_z=123.0) for r in rows[:2]]
+    (parts / "replica-0.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in kept) + '{"index": 2, "tex'
+    )
+    assert smc_vllm.main(replace(cfg, replicas=1))["computed"] == 2
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in again] == [0, 1, 2, 3]
+    assert [r["log_z"] for r in again[:2]] == [123.0, 123.0]  # kept, not recomputed
+    for a, b in zip(again[2:], rows[2:]):
+        assert a["texts"] == b["texts"] and a["log_z"] == pytest.approx(b["log_z"], abs=1e-4)

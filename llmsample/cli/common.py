@@ -1,7 +1,7 @@
 """What the llmsample command's subcommands share: the usage error, notes on stderr,
-loading the model from the flags, and the chat switch.
+torch's thread count, loading the model from the flags, and the chat switch.
 
-    from llmsample.cli.common import UsageError, load_for_cli, note, use_chat
+    from llmsample.cli.common import UsageError, load_for_cli, note, set_threads, use_chat
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["UsageError", "note", "use_chat", "hub_notice", "load_for_cli"]
+__all__ = ["UsageError", "note", "set_threads", "use_chat", "hub_notice", "load_for_cli"]
 
 
 class UsageError(Exception):
@@ -20,6 +20,20 @@ class UsageError(Exception):
 def note(text: str) -> None:
     """One line on stderr, for things the user should know but that are not errors."""
     print(f"llmsample: {text}", file=sys.stderr)
+
+
+def set_threads(args) -> int:
+    """Pick torch's CPU thread count deliberately (see --threads) and return it."""
+    import torch
+
+    n = args.threads
+    if n is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        n = int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 2) // 2)
+    if n < 1:
+        raise UsageError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
 
 
 def use_chat(args, tokenizer) -> bool:

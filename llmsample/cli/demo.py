@@ -69,8 +69,8 @@ CHAT_DEMO = DemoSpec(
 def _setup(spec: DemoSpec, tok):
     """(prompts, plain potential, twisted potential, eos ids) for a scenario."""
     from llmsample.hf.prompts import line_end_ids
+    from llmsample.potentials import Contains, PerPrompt
     from llmsample.potentials.concepts import Concepts
-    from llmsample.potentials.core import Contains, PerPrompt
 
     if spec.chat:
         from llmsample.data.commongen import commongen_prompt

@@ -3,9 +3,10 @@
 from llmsample.ctl import CTLConfig, CTLTrainer, LearnedTwist
 """
 
+from llmsample.ctl.config import CTLConfig
 from llmsample.ctl.head import LearnedTwist, TwistHead, text_features
 from llmsample.ctl.loss import base_states, ctl_loss, lengths_of
-from llmsample.ctl.trainer import CTLConfig, CTLTrainer, train_ctl
+from llmsample.ctl.trainer import CTLTrainer, train_ctl
 
 __all__ = [
     "ctl_loss",

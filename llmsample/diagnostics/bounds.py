@@ -43,7 +43,7 @@ from torch import Tensor
 from llmsample.generate import ancestral_generate, eos_ids, smc_generate
 from llmsample.hf.prompts import encode_prompts, line_end_ids
 from llmsample.metrics.posterior import bound_gap
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 from llmsample.smc.config import SMCConfig
 
 __all__ = [

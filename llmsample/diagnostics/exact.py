@@ -25,7 +25,7 @@ from llmsample.hf.prompts import encode_prompts
 from llmsample.hf.session import vocab_size
 from llmsample.hf.toys import TOY_EOS, toy_model, toy_tokenizer  # re-exported: their old home
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 
 __all__ = ["ExactTarget", "enumerate_target", "toy_tokenizer", "toy_model", "TOY_EOS"]
 

@@ -2,6 +2,8 @@
 
     cfg = GFNConfig(loss="tb", steps=500, samples_per_prompt=16, out_dir="out/gfn")
 
+The bookkeeping fields (steps, seed, lr, out_dir, save_every, eval_every, max_minutes,
+overwrite, ...) and their checks come from :class:`llmsample.train.config.TrainConfig`.
 YAML files and command-line flags map onto it through :func:`llmsample.config.parse_config`
 (recipes subclass it to add the task and model fields).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmsample.config import help_field
+from llmsample.train.config import TrainConfig
 
 __all__ = ["GFNConfig", "LOSSES"]
 
@@ -18,7 +21,10 @@ LOSSES = ("tb", "vargrad", "subtb")
 
 
 @dataclass
-class GFNConfig:
+class GFNConfig(TrainConfig):
+    """Knobs of :class:`llmsample.gfn.GFNTrainer`; ``RESUMABLE_FIELDS`` are TrainConfig's
+    (a new ``steps`` also stretches the epsilon schedule over the new length)."""
+
     # objective
     loss: str = help_field("tb (trajectory balance) | vargrad | subtb (modified sub-TB)", "tb")
     log_z: str = help_field(
@@ -48,7 +54,6 @@ class GFNConfig:
     lr: float = help_field("learning rate of the LoRA weights", 1e-3)
     log_z_lr: float = help_field("learning rate of log Z (scalar or head)", 0.1)
     weight_decay: float = help_field("AdamW weight decay of the LoRA weights", 0.0)
-    max_grad_norm: float = help_field("gradient clipping norm (0 = off)", 1.0)
     warmup_steps: int = help_field("linear learning-rate warmup steps", 10)
     mixed_precision: str = help_field("no | bf16 | fp16 (accelerate autocast)", "no")
     # LoRA
@@ -75,67 +80,30 @@ class GFNConfig:
     )
     replay_capacity: int = help_field("distinct sequences kept per prompt (top reward)", 512)
     replay_temperature: float = help_field("replay picks x with prob. prop. to R(x)^(1/this)", 1.0)
-    # bookkeeping
+    # bookkeeping (TrainConfig's fields, with this method's defaults and help)
     seed: int = help_field("seed of sampling, replay and initialization", 0)
     out_dir: str = help_field("checkpoints, metrics.jsonl and the final adapter go here", "out/gfn")
-    save_every: int = help_field("checkpoint every this many steps (0 = only at the end)", 50)
-    keep_checkpoints: int = help_field("checkpoints kept on disk", 2)
-    log_every: int = help_field("log metrics every this many steps", 10)
     eval_every: int = help_field(
         "run the task's evaluation every this many steps (0 = end only)", 50
     )
-    report_to: str = help_field(
-        "accelerate trackers: none | all | tensorboard | wandb | ...", "none"
-    )
-    max_minutes: float = help_field(
-        "stop (with a checkpoint) after this wall time (0 = no limit)", 0.0
-    )
-    progress: bool = help_field("show a progress bar", True)
-    overwrite: bool = help_field(
-        "start fresh: delete out_dir's checkpoints and metrics.jsonl instead of resuming", False
-    )
-
-    # Fields that may differ from the checkpoint's when a run resumes (budgets, intervals,
-    # display); any other change is refused (llmsample.train.checkpoints.check_resume). A new
-    # ``steps`` also stretches the epsilon schedule over the new length.
-    RESUMABLE_FIELDS = (
-        "steps",
-        "max_minutes",
-        "log_every",
-        "eval_every",
-        "save_every",
-        "keep_checkpoints",
-        "report_to",
-        "progress",
-        "out_dir",
-        "overwrite",
-    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.log_z not in ("scalar", "prompt"):
             raise ValueError(f"log_z must be 'scalar' or 'prompt', got {self.log_z!r}")
         if self.loss == "vargrad" and self.samples_per_prompt < 2:
             raise ValueError("vargrad needs samples_per_prompt >= 2 (a per-prompt batch mean)")
-        positive = (
-            "steps",
-            "prompts_per_step",
-            "samples_per_prompt",
-            "max_new_tokens",
-            "lora_rank",
-        )
-        positive += ("gradient_accumulation_steps", "replay_capacity", "log_every")
+        positive = ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "lora_rank")
+        positive += ("gradient_accumulation_steps", "replay_capacity")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "max_grad_norm", "max_minutes"):
-            if not getattr(self, name) >= 0:  # NaN fails too
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("save_every", "eval_every", "warmup_steps", "reward_temperature_steps"):
+        for name in ("warmup_steps", "reward_temperature_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("reward_temperature_start", "reward_temperature_end", "lr", "log_z_lr"):
+        for name in ("reward_temperature_start", "reward_temperature_end", "log_z_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.temperature_min <= self.temperature_max:
@@ -151,8 +119,6 @@ class GFNConfig:
             raise ValueError(
                 f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"
             )
-        if self.keep_checkpoints < 1:
-            raise ValueError("keep_checkpoints must be >= 1")
 
     def reward_temperature(self, step: int) -> float:
         """tau at ``step``: linear from start to end over reward_temperature_steps."""

@@ -18,14 +18,14 @@ One optimizer step, per micro-batch (``gradient_accumulation_steps`` of them):
    gradients (memory: one forward + backward, not T steps of graph) and apply the loss
    (:mod:`llmsample.gfn.losses`). Fresh rows enter the replay buffer.
 
-Checkpoints (accelerate state + replay buffer + RNG + step + the config) land in
+The loop, checkpoints, resume, logs and stop signals are :class:`llmsample.train.base.Trainer`'s:
+checkpoints (accelerate state + replay buffer + RNG + step + the config) land in
 ``out_dir/checkpoints`` every ``save_every`` steps, on SIGINT/SIGTERM and at
 ``max_minutes``; a rerun resumes from the newest one if its config differs only in
-``GFNConfig.RESUMABLE_FIELDS`` (else it is refused; ``overwrite=True`` starts fresh), see
-:mod:`llmsample.train.checkpoints`. The adapter and log Z are exported to ``out_dir/adapter`` at
-the end and when ``max_minutes`` runs out (a budget-limited run leaves a usable adapter);
-metrics go to ``out_dir/metrics.jsonl`` (cut back to the checkpoint on resume, so no
-event is repeated) and to any accelerate tracker. ``train()`` returns the last
+``GFNConfig.RESUMABLE_FIELDS`` (else it is refused; ``overwrite=True`` starts fresh). The
+adapter and log Z are exported to ``out_dir/adapter`` at the end and when ``max_minutes``
+runs out (a budget-limited run leaves a usable adapter); metrics go to
+``out_dir/metrics.jsonl`` and to any accelerate tracker. ``train()`` returns the last
 evaluation with the step it was measured at (``eval_step``), the step reached,
 ``finished`` and ``stopped_by`` (None, ``"SIGINT"``, ``"SIGTERM"`` or
 ``"max_minutes"``). Works under ``accelerate launch`` (DDP) unchanged.
@@ -41,7 +41,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from llmsample.gfn.config import GFNConfig
 from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory_balance, vargrad
@@ -57,7 +56,7 @@ from llmsample.hf.adapters import is_peft, lora_model
 from llmsample.hf.prompts import PromptBatch, encode_prompts
 from llmsample.hf.session import teacher_force
 from llmsample.potentials.core import PerPrompt, Potential
-from llmsample.train.checkpoints import StopFlag, load_checkpoint, resume_point, save_checkpoint
+from llmsample.train.base import Trainer, make_accelerator
 
 __all__ = ["GFNTrainer", "LogZ", "add_lora"]
 
@@ -92,7 +91,12 @@ class LogZ(nn.Module):
         return self.bias + self.head(hidden.detach()).squeeze(-1)  # [R]
 
 
-class GFNTrainer:
+class GFNTrainer(Trainer):
+    """Train a peft ``policy`` to sample sigma ∝ p_base · phi; see the module docstring."""
+
+    name = "gfn"
+    postfix = {"loss": ".3g", "log_z": ".2f"}
+
     def __init__(
         self,
         policy,
@@ -107,8 +111,6 @@ class GFNTrainer:
     ):
         """``run_config``: the config recorded with each checkpoint and compared on resume
         (default ``cfg``); a recipe passes its whole config (task fields included)."""
-        from accelerate import Accelerator
-
         if not is_peft(policy):
             raise TypeError(
                 "policy must be a peft model (the reward uses the same model with the adapter "
@@ -127,17 +129,13 @@ class GFNTrainer:
                 f"loss='subtb' needs a single stop token (terminal rewards of every prefix), "
                 f"got {len(self.stop_ids)}; use loss='tb' or 'vargrad' with several"
             )
-        self.cfg, self.tokenizer, self.prompts, self.potential = cfg, tokenizer, prompts, potential
-        self.evaluate = evaluate
-        self.run_config = cfg if run_config is None else run_config
-        self.out = Path(cfg.out_dir)
-        self.log_path = self.out / "metrics.jsonl"
-        self.acc = Accelerator(
+        acc = make_accelerator(
+            cfg,
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with=None if cfg.report_to == "none" else cfg.report_to,
-            project_dir=str(self.out),
         )
+        super().__init__(cfg, acc, evaluate=evaluate, run_config=run_config)
+        self.tokenizer, self.prompts, self.potential = tokenizer, prompts, potential
         torch.manual_seed(cfg.seed)
         hidden = policy.config.hidden_size if cfg.loss == "tb" and cfg.log_z == "prompt" else None
         self.log_z = LogZ(hidden)
@@ -156,8 +154,10 @@ class GFNTrainer:
         seed = cfg.seed + self.acc.process_index
         self.gen = torch.Generator().manual_seed(seed)  # host-side choices (prompts, replay)
         self.sample_gen = torch.Generator(device=self.acc.device).manual_seed(seed)  # rollouts
-        self.step = 0
-        self.elapsed = 0.0
+
+    @property
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.policy)
 
     # ------------------------------------------------------------------ data
     def _potential(self, chosen: list[int]) -> Potential | None:
@@ -274,47 +274,48 @@ class GFNTrainer:
         stats["log_q"] = float(log_q.detach().mean())
         return loss, stats, log_r
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
-        extra = {
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        """Explore, reward, score and update (``gradient_accumulation_steps`` micro-batches);
+        the mean statistics of the micro-batches."""
+        cfg = self.cfg
+        t0 = time.monotonic()
+        tau = cfg.reward_temperature(self.step)
+        agg: dict[str, float] = {}
+        n_rows, uniq = 0, []
+        for _ in range(cfg.gradient_accumulation_steps):
+            prompts, chosen, ro, n_fresh = self._batch()
+            with self.acc.accumulate(self.policy):
+                with self.acc.autocast():
+                    loss, stats, log_r = self._loss(prompts, chosen, ro, tau)
+                self.acc.backward(loss)
+                if cfg.max_grad_norm > 0 and self.acc.sync_gradients:
+                    self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad()
+            stats["loss"] = float(loss.detach())
+            for k, v in stats.items():
+                agg[k] = agg.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+            self._remember(chosen, ro, log_r)
+            seqs = ro.sequences()
+            uniq.append(len(set(seqs)) / max(len(seqs), 1))
+            n_rows += ro.num_rows
+        dt = time.monotonic() - t0
+        return dict(tau=tau, unique=sum(uniq) / len(uniq), **agg, samples_per_s=n_rows / dt)
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def extra_state(self) -> dict:
+        return {
             "replay": self.replay.state_dict(),
             "gen": self.gen.get_state(),
             "sample_gen": self.sample_gen.get_state(),
         }
-        state = dict(step=self.step, elapsed=self.elapsed)
-        folder = self.out / "checkpoints"
-        return save_checkpoint(
-            self.acc,
-            folder,
-            self.step,
-            state,
-            extra,
-            self.cfg.keep_checkpoints,
-            "gfn.pt",
-            config=self.run_config,
-            logs=[self.log_path],
-        )
 
-    def resume(self) -> bool:
-        """Load the newest checkpoint if there is one (``overwrite``: delete them first);
-        raises :class:`~llmsample.train.checkpoints.ResumeConflict` if the config changed in a
-        field that may not change. See :func:`llmsample.train.checkpoints.resume_point`."""
-        found = resume_point(
-            self.out,
-            self.run_config,
-            logs=[self.log_path],
-            acc=self.acc,
-            overwrite=self.cfg.overwrite,
-            name="gfn",
-        )
-        if found is None:
-            return False
-        state, extra = load_checkpoint(self.acc, found, "gfn.pt")
+    def load_extra_state(self, extra: dict) -> None:
         self.replay.load_state_dict(extra["replay"])
         self.gen.set_state(extra["gen"])
         self.sample_gen.set_state(extra["sample_gen"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
-        return True
 
     def export(self, path: Path | None = None) -> Path:
         """Save the LoRA adapter (peft format) and log Z to ``out_dir/adapter``."""
@@ -322,106 +323,13 @@ class GFNTrainer:
         if self.acc.is_main_process:
             # only what training changed: with lm_head among the LoRA targets peft would
             # otherwise add the (frozen, often tied) embedding matrices to the adapter
-            self.acc.unwrap_model(self.policy).save_pretrained(
-                str(path), save_embedding_layers=False
-            )
+            self.unwrapped.save_pretrained(str(path), save_embedding_layers=False)
             torch.save(self.acc.unwrap_model(self.log_z).state_dict(), path / "log_z.pt")
             (path / "gfn_config.json").write_text(
                 json.dumps(dataclasses.asdict(self.cfg), indent=2)
             )
         self.acc.wait_for_everyone()
         return path
-
-    # ------------------------------------------------------------------ loop
-    def _log(self, record: dict) -> None:
-        if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-        if self.cfg.report_to != "none":
-            self.acc.log(
-                {k: v for k, v in record.items() if isinstance(v, int | float)}, step=self.step
-            )
-
-    def _eval(self) -> dict:
-        if self.evaluate is None:
-            return {}
-        result = self.evaluate(self.acc.unwrap_model(self.policy), self.step)
-        self._log(dict(event="eval", step=self.step, **result))
-        return dict(result, eval_step=self.step)
-
-    def train(self) -> dict:
-        """Run to ``cfg.steps`` (resuming if a checkpoint exists); returns the last eval
-        (with its ``eval_step``), ``step``, ``finished`` and ``stopped_by``."""
-        cfg = self.cfg
-        resumed = self.resume()
-        if self.cfg.report_to != "none":
-            self.acc.init_trackers("gfn", config=dataclasses.asdict(cfg))
-        self._log(dict(event="resume" if resumed else "start", step=self.step))
-        last = {} if resumed else self._eval()
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            desc="gfn",
-            disable=not cfg.progress or not self.acc.is_main_process,
-        )
-        start = time.monotonic() - self.elapsed
-        stopped_by = None
-        with StopFlag() as flag:
-            while self.step < cfg.steps:
-                t0 = time.monotonic()
-                tau = cfg.reward_temperature(self.step)
-                agg: dict[str, float] = {}
-                n_rows, uniq = 0, []
-                for _ in range(cfg.gradient_accumulation_steps):
-                    prompts, chosen, ro, n_fresh = self._batch()
-                    with self.acc.accumulate(self.policy):
-                        with self.acc.autocast():
-                            loss, stats, log_r = self._loss(prompts, chosen, ro, tau)
-                        self.acc.backward(loss)
-                        if cfg.max_grad_norm > 0 and self.acc.sync_gradients:
-                            self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                        self.opt.step()
-                        self.sched.step()
-                        self.opt.zero_grad()
-                    stats["loss"] = float(loss.detach())
-                    for k, v in stats.items():
-                        agg[k] = agg.get(k, 0.0) + v / cfg.gradient_accumulation_steps
-                    self._remember(chosen, ro, log_r)
-                    seqs = ro.sequences()
-                    uniq.append(len(set(seqs)) / max(len(seqs), 1))
-                    n_rows += ro.num_rows
-                self.step += 1
-                self.elapsed = time.monotonic() - start
-                dt = time.monotonic() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{agg['loss']:.3g}", log_z=f"{agg['log_z']:.2f}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    rec = dict(event="train", step=self.step, tau=tau, unique=sum(uniq) / len(uniq))
-                    rec.update(agg, samples_per_s=n_rows / dt, elapsed_s=self.elapsed)
-                    self._log(rec)
-                timed_out = cfg.max_minutes and self.elapsed > 60 * cfg.max_minutes
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    last = self._eval()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or flag.hit or timed_out:
-                    self.save()
-                if flag.hit or timed_out:
-                    stopped_by = flag.name or "max_minutes"
-                    break
-        bar.close()
-        if stopped_by is None:
-            self.save()
-            last = self._eval()
-            self.export()
-            self._log(dict(event="done", step=self.step, elapsed_s=self.elapsed))
-        else:
-            if stopped_by == "max_minutes":  # a time budget: leave a usable adapter too
-                self.export()
-            self._log(dict(event="stop", step=self.step, elapsed_s=self.elapsed, reason=stopped_by))
-        if self.cfg.report_to != "none":
-            self.acc.end_training()
-        last.setdefault("eval_step", None)
-        return dict(last, step=self.step, finished=stopped_by is None, stopped_by=stopped_by)
 
     def _remember(self, chosen: list[int], ro: Rollouts, log_r: Tensor) -> None:
         """Add this batch's sequences to the replay buffer with their untempered log R."""

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from llmsample.generate import importance_generate, smc_generate
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 from llmsample.proposals import LMProposal
 from llmsample.twists import resolve_twist
 

@@ -2,6 +2,7 @@
 
     tok = toy_tokenizer()               # "a".."h" are ids 0..7, "<eos>" is 8 (EOS and BOS)
     model = toy_model("llama", seed=0)  # gpt2, llama, qwen2 or mistral; nothing downloaded
+    clf = toy_classifier()              # a GPT-2 sequence classifier, labels "neg"/"pos"
 
 The tests, the ``exact`` eval task and :mod:`llmsample.diagnostics.exact` check samplers on
 them against brute-force posteriors.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TOY_WORDS", "TOY_EOS", "toy_tokenizer", "toy_model"]
+__all__ = ["TOY_WORDS", "TOY_EOS", "toy_tokenizer", "toy_model", "toy_classifier"]
 
 TOY_WORDS = list("abcdefgh")
 TOY_EOS = 8  # id of "<eos>" (also BOS) in the toy vocabulary of 9 tokens
@@ -69,4 +70,31 @@ def toy_model(arch: str = "gpt2", seed: int = 0, scale: float = 4.0, vocab_size:
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(scale)
+    return model.eval()
+
+
+def toy_classifier(seed: int = 0, scale: float = 20.0, vocab_size: int = 9):
+    """A tiny random GPT-2 sequence classifier over the toy vocabulary, labels 0 "neg" and
+    1 "pos" (pad = EOS, so pair it with ``toy_tokenizer(with_pad=True)``). ``scale``
+    multiplies the classification head so labels are far from 50/50."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    eos = vocab_size - 1
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        num_labels=2,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1},
+    )
+    torch.manual_seed(seed)
+    model = GPT2ForSequenceClassification(config)
+    with torch.no_grad():
+        model.score.weight.mul_(scale)
     return model.eval()

@@ -41,7 +41,8 @@ from lemminflect import getAllInflections, getAllInflectionsOOV, getAllLemmas, g
 from torch import Tensor
 
 from llmsample.particles import Particles
-from llmsample.potentials.core import Constraint, Potential
+from llmsample.potentials.base import Potential
+from llmsample.potentials.text import Constraint
 
 __all__ = [
     "Concept",
@@ -203,6 +204,7 @@ class Concepts(Constraint):
         self.prefix_bonus = float(prefix_bonus)
         super().__init__(lambda t: covers_all(t, self.concepts), name="concepts")
         self.has_prefix = self.prefix_bonus > 0
+        self.prefix_is_upper_bound = not self.has_prefix  # the bonus grows along a path
 
     def prefix(self, x: Particles) -> Tensor:
         if not self.has_prefix:
@@ -225,6 +227,7 @@ class ConceptCoverage(Potential):
         if not (beta > 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be finite and > 0, got {beta}")
         self.concepts, self.beta, self.has_prefix = _flatten(concepts), float(beta), as_twist
+        self.prefix_is_upper_bound = not as_twist  # log phi <= 0 = log psi
 
     def _score(self, texts: list[str], device) -> Tensor:
         cov = torch.tensor([coverage(t, self.concepts) for t in texts], dtype=torch.float64)

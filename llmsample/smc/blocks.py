@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from llmsample.hf.prompts import PromptBatch
 from llmsample.output import SamplingOutput
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 from llmsample.smc.conditional import FreeAncestry
 from llmsample.smc.config import SMCConfig
 from llmsample.smc.state import RunState

@@ -58,7 +58,7 @@ from llmsample.hf.prompts import PromptBatch
 from llmsample.hf.session import LMSession, context_length, model_device, vocab_size
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 from llmsample.proposals import LMProposal, Proposal
 from llmsample.smc.conditional import Ancestry, ConditionalAncestry, FreeAncestry
 from llmsample.smc.config import SMCConfig

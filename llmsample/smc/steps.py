@@ -27,7 +27,7 @@ from torch import Tensor
 
 from llmsample.output import SamplingOutput
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 from llmsample.smc.conditional import Ancestry
 from llmsample.smc.config import SMCConfig
 from llmsample.smc.resampling import ess, log_normalize

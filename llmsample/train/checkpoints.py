@@ -1,5 +1,5 @@
-"""Checkpoints, resume checks and stop signals shared by every trainer (``gfn.trainer``,
-``ctl_trainer``, ``recipes/pretrain_tiny_lm.py``).
+"""Checkpoints, resume checks and stop signals shared by every trainer (the loop that uses
+them is :class:`llmsample.train.base.Trainer`).
 
     start = resume_point(out_dir, cfg, logs=[out_dir / "metrics.jsonl"], acc=acc, name="ctl")
     if start is not None:                   # cfg checked against the checkpoint's config
@@ -52,6 +52,7 @@ __all__ = [
     "config_changes",
     "list_checkpoints",
     "load_checkpoint",
+    "read_state",
     "resumable_fields",
     "resume_point",
     "save_checkpoint",
@@ -158,7 +159,7 @@ def check_resume(
         return found[-1]
     changes = config_changes(saved, cfg)
     if changes:
-        step = json.loads((found[-1] / marker).read_text()).get("step")
+        step = read_state(found[-1], marker).get("step")
         diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
         allowed = ", ".join(f for f in resumable_fields(cfg) if f not in ALWAYS_RESUMABLE)
         raise ResumeConflict(
@@ -234,6 +235,11 @@ def _trainable_only(models, weights, output_dir) -> None:
         weights[i] = {k: v for k, v in weight.items() if k in trainable}
 
 
+def read_state(path: Path, marker: str = DONE) -> dict:
+    """The small JSON state of checkpoint ``path`` (its step, ...), without loading it."""
+    return json.loads((Path(path) / marker).read_text())
+
+
 def load_checkpoint(
     acc, path: Path, extra_file: str | None = None, marker: str = DONE
 ) -> tuple[dict, dict | None]:
@@ -242,7 +248,7 @@ def load_checkpoint(
     (checkpoints hold only what training changes)."""
     acc.load_state(str(path), strict=False)
     extra = None if extra_file is None else torch.load(path / extra_file, weights_only=False)
-    return json.loads((path / marker).read_text()), extra
+    return read_state(path, marker), extra
 
 
 def start_fresh(out_dir: Path | str, paths: Sequence[Path] = ()) -> None:
@@ -298,7 +304,7 @@ def resume_point(
             for path in logs:
                 if Path(path).name in sizes:
                     _truncate(Path(path), sizes[Path(path).name])
-            step = json.loads((found / marker).read_text()).get("step")
+            step = read_state(found, marker).get("step")
             print(f"[{name}] resuming from {found} at step {step}", file=sys.stderr, flush=True)
     if acc is not None:
         acc.wait_for_everyone()

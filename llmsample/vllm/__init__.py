@@ -47,12 +47,28 @@ from llmsample.proposals import LMProposal, truncate
 from llmsample.smc.blocks import Block, run_smc_blocks
 from llmsample.twists import NoTwist, PotentialTwist
 
-__all__ = ["is_vllm_engine", "VLLMBlocks", "EngineModel", "check_supported", "run_smc_vllm"]
+__all__ = [
+    "is_vllm_engine",
+    "VLLMBlocks",
+    "EngineModel",
+    "check_supported",
+    "run_smc_vllm",
+    "shutdown",
+]
 
 
 def is_vllm_engine(model) -> bool:
     """True for a ``vllm.LLM`` (checked without importing vLLM)."""
     return type(model).__module__.split(".")[0] == "vllm" and hasattr(model, "llm_engine")
+
+
+def shutdown(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine processes now. vLLM 0.32 has no public close; its
+    engine client does, and a process that leaves it running cannot exit (its
+    ``multiprocessing`` children are joined at exit). Safe to call twice."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
 
 
 class EngineModel:
