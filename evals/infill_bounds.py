@@ -82,7 +82,7 @@ def _setup(name: str, model, tok, joint, policy):
     if name in ("smc-learned", "smc-learned-q"):
         head = TwistHead.load(TWISTS / "line-infill" / "twist_head.pt").eval()
         cond = text_features(model, tok, joint.suffixes)
-        twist = LearnedTwist(model, head, potential, cond, exact_last_step=False)
+        twist = LearnedTwist(model, head, condition=cond, exact_last_step=False)
         if name == "smc-learned":
             return dict(potential=potential, twist=twist)
         return dict(potential=potential, twist=twist, proposal="optimal")
@@ -90,7 +90,7 @@ def _setup(name: str, model, tok, joint, policy):
         return dict(potential=potential, proposal=policy, ess_threshold=0.0)
     if name == "gfn-flow":
         newline = tok("\n", add_special_tokens=False)["input_ids"]
-        flow = FlowTwist(policy, model, potential, stop_token_id=newline[-1])
+        flow = FlowTwist(policy, model, stop_token_id=newline[-1])
         return dict(potential=potential, proposal=policy, twist=flow)
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 

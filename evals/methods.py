@@ -196,7 +196,7 @@ def _smc_learned(n):
             tok,
             [e.prompt for e in examples],
             potential=potential,
-            twist=LearnedTwist(model, head, potential, condition=cond),
+            twist=LearnedTwist(model, head, condition=cond),  # phi: the run's
             num_particles=n,
             **_common(model, tok, task, examples, seed),
         )
@@ -218,7 +218,7 @@ def _gfn_flow(n):
             tok,
             [e.prompt for e in examples],
             potential=potential,
-            twist=FlowTwist(policy, model, potential, stop_token_id=newline),
+            twist=FlowTwist(policy, model, stop_token_id=newline),
             proposal=policy,
             num_particles=n,
             **_common(model, tok, task, examples, seed),

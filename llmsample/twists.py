@@ -27,7 +27,16 @@ from llmsample.hf.prompts import PromptBatch
 from llmsample.particles import Particles
 from llmsample.potentials.base import Potential
 
-__all__ = ["Twist", "NoTwist", "PotentialTwist", "resolve_twist"]
+__all__ = [
+    "Twist",
+    "NoTwist",
+    "PotentialTwist",
+    "PotentialReader",
+    "RUN_POTENTIAL",
+    "resolve_twist",
+]
+
+RUN_POTENTIAL = "run"  # a twist built with this takes the SMC run's potential at bind
 
 
 class Twist(ABC):
@@ -39,6 +48,12 @@ class Twist(ABC):
     """
 
     informative: bool = True
+
+    def bind(self, potential: Potential | None) -> None:
+        """Called once per run, before ``start``, with the run's potential (None: phi = 1).
+
+        The engine passes the potential here, so a run names it once; a twist that
+        scores completions with phi (:class:`PotentialReader`) keeps it."""
 
     def start(self, prompts: PromptBatch, num_particles: int) -> None:
         """Called once before the first step (stateful twists set up here)."""
@@ -55,6 +70,31 @@ class Twist(ABC):
 
     def next_token(self, x: Particles) -> Tensor | None:
         return None
+
+
+class PotentialReader(Twist):
+    """A twist that puts the run's log phi on completing extensions.
+
+    Build it with ``potential=RUN_POTENTIAL`` (the default of the twists here) and the
+    engine hands it the run's potential at :meth:`bind`; a potential given explicitly
+    must be the run's own object, else ``bind`` raises (the twist's scores would then
+    target another distribution). ``self.potential`` is the bound one (None: phi = 1).
+    """
+
+    def __init__(self, potential: Potential | None | str = RUN_POTENTIAL):
+        if isinstance(potential, str) and potential != RUN_POTENTIAL:
+            raise ValueError(f"potential must be a Potential, None or {RUN_POTENTIAL!r}")
+        self.given = potential
+        self.potential = None if isinstance(potential, str) else potential
+
+    def bind(self, potential: Potential | None) -> None:
+        if not isinstance(self.given, str) and self.given is not potential:
+            raise ValueError(
+                f"{type(self).__name__} was built with potential {self.given!r} but the SMC "
+                f"run's potential is {potential!r}: build the twist without one (the run "
+                "passes its potential) or pass the run the same object"
+            )
+        self.potential = potential
 
 
 class NoTwist(Twist):

@@ -174,7 +174,8 @@ def test_random_head_keeps_z_hat_unbiased(setup, proposal, potential, cond, exac
         tok,
         [p for p in PROMPTS for _ in range(runs)],
         potential=pot,
-        twist=LearnedTwist(model, head, pot, condition=condition, exact_last_step=exact_last),
+        # no potential given: the engine hands the twist the run's (pot) at bind
+        twist=LearnedTwist(model, head, condition=condition, exact_last_step=exact_last),
         proposal=proposal,
         num_particles=8,
         max_new_tokens=T,
@@ -197,6 +198,26 @@ def test_importance_weights_do_not_depend_on_the_head(setup):
     )
     assert torch.equal(plain.sequences, twisted.sequences)
     assert torch.allclose(plain.log_z, twisted.log_z, atol=1e-9, rtol=0)
+
+
+def test_the_run_hands_its_potential_to_the_twist(setup):
+    """A twist built without a potential reads the run's: the same draws and log Z_hat as
+    one built with it; one built with another potential is refused, not silently used."""
+    model, tok, _ = setup
+    head = random_head(1.0)
+    kw = dict(potential=SOFT, proposal="optimal", num_particles=8, max_new_tokens=T, seed=3)
+    given = llmsample.smc_generate(
+        model, tok, PROMPTS * 3, twist=LearnedTwist(model, head, SOFT), **kw
+    )
+    bound = llmsample.smc_generate(model, tok, PROMPTS * 3, twist=LearnedTwist(model, head), **kw)
+    assert torch.equal(given.sequences, bound.sequences)
+    assert torch.equal(given.log_z, bound.log_z)
+    with pytest.raises(ValueError, match="built with potential .* run's potential"):
+        llmsample.smc_generate(
+            model, tok, PROMPTS, twist=LearnedTwist(model, head, Contains("c")), **kw
+        )
+    with pytest.raises(ValueError, match="potential must be a Potential, None or 'run'"):
+        LearnedTwist(model, head, "soft")
 
 
 class Recording(LearnedTwist):

@@ -19,12 +19,12 @@ from text (the base model's mean last hidden state over it), so one head serves 
 suffix (amortized over problems, as in Zhao et al. 2024).
 
     head = TwistHead(model.config.hidden_size, vocab_size(model))
-    twist = LearnedTwist(model, head, potential)
+    twist = LearnedTwist(model, head)  # phi: the run's potential, handed over at bind
     out = smc_generate(model, tok, prompts, potential=potential, twist=twist)
     out = smc_generate(..., twist=twist, proposal="optimal")     # q ∝ p·psi
 
     head = TwistHead(H, V, cond_size=H)                           # infilling: read the suffix
-    twist = LearnedTwist(model, head, potential, condition=text_features(model, tok, suffixes))
+    twist = LearnedTwist(model, head, condition=text_features(model, tok, suffixes))
 
 **Exact weights for any head.** The engine telescopes psi: a row's weight gains
 log psi_t - log psi_{t-1} per step, and at completion (EOS, or the T-th token) the
@@ -53,10 +53,10 @@ import torch
 from torch import Tensor, nn
 
 from llmsample.hf.prompts import PromptBatch, encode_prompts
-from llmsample.hf.session import LMSession, model_device, position_ids
+from llmsample.hf.session import LMSession, full_forward, model_device
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
-from llmsample.twists import Twist
+from llmsample.potentials.base import Potential
+from llmsample.twists import RUN_POTENTIAL, PotentialReader
 
 __all__ = ["TwistHead", "LearnedTwist", "text_features"]
 
@@ -157,23 +157,18 @@ def text_features(model, tokenizer, texts: list[str], batch_size: int = 64) -> T
     for i in range(0, len(texts), batch_size):
         batch = encode_prompts(tokenizer, texts[i : i + batch_size])
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-        h = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            output_hidden_states=True,
-            use_cache=False,
-        ).hidden_states[-1]
+        _, h = full_forward(model, ids, mask, hidden=True)  # [b, L, H]
         m = mask[..., None].to(h.dtype)
         out.append(((h * m).sum(1) / m.sum(1)).float().cpu())
     return torch.cat(out)
 
 
-class LearnedTwist(Twist):
+class LearnedTwist(PotentialReader):
     """A :class:`TwistHead` on ``model`` (the frozen base LM of the SMC run) as a twist.
 
-    ``potential`` must be the SMC run's potential: ``next_token`` puts its log phi on
-    completing extensions (None means phi = 1). ``prefix`` needs no potential.
+    ``next_token`` puts the SMC run's log phi on completing extensions: leave
+    ``potential`` out and the run hands it over (:class:`PotentialReader`); one given here
+    must be the run's own. ``prefix`` needs no potential.
     ``condition`` [B, C]: one vector per prompt of the run, for a head with ``cond_size=C``.
     ``exact_last_step=False``: at the last step, where every token completes a row,
     ``next_token`` returns None instead of calling ``potential.complete`` on all R·V
@@ -187,10 +182,11 @@ class LearnedTwist(Twist):
         self,
         model,
         head: TwistHead,
-        potential: Potential | None = None,
+        potential: Potential | None | str = RUN_POTENTIAL,
         condition: Tensor | None = None,
         exact_last_step: bool = True,
     ):
+        super().__init__(potential)
         self.exact_last_step = exact_last_step
         cond_size = getattr(head, "cond_size", 0)
         if bool(cond_size) != (condition is not None):
@@ -201,7 +197,7 @@ class LearnedTwist(Twist):
             )
         if condition is not None and (condition.dim() != 2 or condition.shape[1] != cond_size):
             raise ValueError(f"condition must be [B, {cond_size}], got {tuple(condition.shape)}")
-        self.model, self.head, self.potential = model, head, potential
+        self.model, self.head = model, head
         self.condition = condition
         self.session: LMSession | None = None
         self._scores: Tensor | None = None

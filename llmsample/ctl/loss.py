@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 from llmsample.hf.prompts import PromptBatch
-from llmsample.hf.session import position_ids
+from llmsample.hf.session import full_forward
 
 __all__ = ["ctl_loss", "base_states", "lengths_of"]
 
@@ -157,13 +157,7 @@ def base_states(
     mask = torch.cat([ctx_mask, torch.ones_like(cont)], dim=1)
     P = ctx.shape[1]
     with torch.no_grad():
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=False,
-            output_hidden_states=True,
-        )
-    hidden = out.hidden_states[-1][:, P - 1 : P - 1 + steps].float()
-    logp = torch.log_softmax(out.logits[:, P - 1 : P - 1 + steps].float(), dim=-1)
+        logits, h = full_forward(model, ids, mask, hidden=True)  # [R, L, V], [R, L, H]
+    hidden = h[:, P - 1 : P - 1 + steps].float()
+    logp = torch.log_softmax(logits[:, P - 1 : P - 1 + steps].float(), dim=-1)
     return hidden, logp

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from llmsample.ctl.loss import ctl_loss
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 
 __all__ = ["MemoPotential", "exact_last_token_loss", "given_positives", "sampled_loss"]
 

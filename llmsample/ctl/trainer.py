@@ -35,7 +35,7 @@ from llmsample.ctl.terms import (
     sampled_loss,
 )
 from llmsample.hf.prompts import encode_prompts
-from llmsample.potentials.core import PerPrompt, Potential
+from llmsample.potentials.base import PerPrompt, Potential
 from llmsample.train.base import Trainer, make_accelerator
 
 __all__ = ["CTLConfig", "CTLTrainer", "train_ctl"]
@@ -125,48 +125,33 @@ class CTLTrainer(Trainer):
             return PerPrompt([self.potential[i] for i in chosen])
         return self.potential
 
-    def batch_loss(self) -> tuple[Tensor, dict]:
-        """Sample positives and negatives for a few prompts; the CTL loss and statistics."""
+    def _draws(self, texts: list[str], potential, cond: Tensor | None, seeds: list[int]):
+        """The positives (SMC with the learned twist; None when they are given), the
+        negatives (twisted or ancestral draws) and the memoized potential the loss reads."""
         from llmsample.generate import ancestral_generate, smc_generate
         from llmsample.smc.config import SMCConfig
 
-        cfg = self.cfg
-        n = min(cfg.prompts_per_step, len(self.prompts))
-        chosen = torch.randperm(len(self.prompts), generator=self.gen)[:n].tolist()
-        texts = [self.prompts[i] for i in chosen]
-        seeds = torch.randint(0, 2**31 - 1, (2,), generator=self.gen).tolist()
-        potential = self._potential(chosen)
-        T, S, K, M = (
-            cfg.max_new_tokens,
-            cfg.max_new_tokens - 1,
-            cfg.num_particles,
-            cfg.num_negatives,
-        )
-        cond = None if self.conditions is None else self.conditions[chosen]
-        twist = LearnedTwist(self.model, self.unwrapped, potential, condition=cond)
-        if cfg.positives == "given":
-            K = 1
-        else:
+        cfg, T = self.cfg, self.cfg.max_new_tokens
+        common = dict(max_new_tokens=T, eos_token_id=self.eos)
+        pos = None
+        if cfg.positives != "given":
             pos = smc_generate(
                 self.model,
                 self.tokenizer,
                 texts,
                 potential=potential,
-                twist=twist,
+                twist=LearnedTwist(self.model, self.unwrapped, condition=cond),  # phi: the run's
                 proposal="optimal" if cfg.proposal == "optimal" else None,
-                num_particles=K,
-                max_new_tokens=T,
+                num_particles=cfg.num_particles,
                 ess_threshold=cfg.ess_threshold if cfg.positives == "smc" else 0.0,
                 seed=seeds[0],
-                eos_token_id=self.eos,
+                **common,
             )
         memo = MemoPotential(potential)
         if cfg.negatives == "twisted":  # plain draws from q ∝ p·psi (no weights, no resampling)
             # only the first T - 2 tokens are read (the parents x_<t, t <= T - 1): the last
             # one may come from p, which spares R·V potential calls (exact_last_step)
-            twist = LearnedTwist(
-                self.model, self.unwrapped, memo, condition=cond, exact_last_step=False
-            )
+            twist = LearnedTwist(self.model, self.unwrapped, condition=cond, exact_last_step=False)
             neg = smc_generate(
                 self.model,
                 self.tokenizer,
@@ -174,37 +159,35 @@ class CTLTrainer(Trainer):
                 potential=memo,
                 twist=twist,
                 proposal="optimal",
-                num_particles=M,
-                max_new_tokens=T,
+                num_particles=cfg.num_negatives,
                 seed=seeds[1],
-                eos_token_id=self.eos,
                 config=SMCConfig(reweight=False),
+                **common,
             )
         else:
             neg = ancestral_generate(
                 self.model,
                 self.tokenizer,
                 texts,
-                num_samples=M,
-                max_new_tokens=T,
+                num_samples=cfg.num_negatives,
                 seed=seeds[1],
-                eos_token_id=self.eos,
+                **common,
             )
-        prompts = encode_prompts(self.tokenizer, texts)
-        device = self.acc.device
-        B = len(texts)
-        pad = prompts.pad_token_id
+        return pos, neg, memo
 
-        def tokens_of(out) -> Tensor:
-            c = out.continuations.reshape(-1, out.continuations.shape[-1])
-            if c.shape[1] < T:
-                c = torch.cat([c, c.new_full((c.shape[0], T - c.shape[1]), pad)], dim=1)
-            return c.to(device)
+    def _tokens(self, out, pad: int) -> Tensor:
+        """A run's continuations as [R, T] token rows, padded to T with ``pad``."""
+        T = self.cfg.max_new_tokens
+        c = out.continuations.reshape(-1, out.continuations.shape[-1])
+        if c.shape[1] < T:
+            c = torch.cat([c, c.new_full((c.shape[0], T - c.shape[1]), pad)], dim=1)
+        return c.to(self.acc.device)
 
-        index = torch.arange(B, device=device)
-        neg_tok = tokens_of(neg)  # [B*M, T]
-        if cfg.positives == "given":
-            pos_tok, pos_log_w, log_phi = given_positives(
+    def _positives(self, pos, chosen: list[int], potential, prompts) -> tuple:
+        """The positives' tokens [B*K, T], log weights [B, K] and log phi [B*K]."""
+        device, T = self.acc.device, self.cfg.max_new_tokens
+        if pos is None:  # given references, one per prompt (K = 1)
+            return given_positives(
                 [self.references[i] for i in chosen],
                 potential,
                 prompts,
@@ -214,54 +197,53 @@ class CTLTrainer(Trainer):
                 vocab=self.unwrapped.config["vocab_size"],
                 device=device,
             )
-        else:
-            pos_tok, pos_log_w = tokens_of(pos), pos.log_weights_unnormalized.to(device)
-            log_phi = pos.log_potential
-            log_phi = (
-                torch.zeros(B * K, dtype=torch.float64, device=device)
-                if log_phi is None
-                else log_phi.reshape(-1).to(device)
-            )
+        pos_tok = self._tokens(pos, prompts.pad_token_id)
+        log_phi = pos.log_potential
+        if log_phi is None:
+            log_phi = torch.zeros(pos_tok.shape[0], dtype=torch.float64, device=device)
+        return pos_tok, pos.log_weights_unnormalized.to(device), log_phi.reshape(-1).to(device)
+
+    def batch_loss(self) -> tuple[Tensor, dict]:
+        """Sample positives and negatives for a few prompts; the CTL loss and statistics."""
+        cfg = self.cfg
+        n = min(cfg.prompts_per_step, len(self.prompts))
+        chosen = torch.randperm(len(self.prompts), generator=self.gen)[:n].tolist()
+        texts = [self.prompts[i] for i in chosen]
+        seeds = torch.randint(0, 2**31 - 1, (2,), generator=self.gen).tolist()
+        potential = self._potential(chosen)
+        T, S, M = cfg.max_new_tokens, cfg.max_new_tokens - 1, cfg.num_negatives
+        K = 1 if cfg.positives == "given" else cfg.num_particles
+        cond = None if self.conditions is None else self.conditions[chosen]
+        pos, neg, memo = self._draws(texts, potential, cond, seeds)
+        prompts = encode_prompts(self.tokenizer, texts)
+        device, B = self.acc.device, len(texts)
+        neg_tok = self._tokens(neg, prompts.pad_token_id)  # [B*M, T]
+        pos_tok, pos_log_w, log_phi = self._positives(pos, chosen, potential, prompts)
         pos_len, neg_len = lengths_of(pos_tok, self.eos), lengths_of(neg_tok, self.eos)
+        index = torch.arange(B, device=device)
         pi = torch.cat([index.repeat_interleave(K), index.repeat_interleave(M)])
         hidden, logp = base_states(self.model, prompts, pi, torch.cat([pos_tok, neg_tok]), S)
         row_cond = None if cond is None else cond.to(device)[pi][:, None, :]
         scores = self.head(hidden, row_cond)  # [B*(K+M), S, V], with grad
         steps = torch.arange(1, S + 1, device=device)  # t = 1..S
         # positives: log psi_t(x_<=t), or log phi where the row completed at t
-        pos_scores = scores[: B * K].double()
-        gathered = pos_scores.gather(2, pos_tok[:, :S, None])[..., 0]  # [B*K, S]
+        gathered = scores[: B * K].double().gather(2, pos_tok[:, :S, None])[..., 0]  # [B*K, S]
         done_at = steps[None, :] == pos_len[:, None]
         pos_log_psi = torch.where(done_at, log_phi[:, None], gathered)
         pos_mask = steps[None, :] <= pos_len[:, None]
         where = dict(tokenizer=self.tokenizer, eos=self.eos, T=T)  # what a Particles needs
+        pos_args = (pos_log_psi.view(B, K, S), pos_log_w, pos_mask.view(B, K, S))  # [B, K, S]
+        neg_args = (neg_tok, neg_len, memo, prompts)
+        neg_scores = scores[B * K :].double()
         if cfg.negatives == "sampled":
-            loss = sampled_loss(
-                scores[B * K :].double(),
-                neg_tok,
-                neg_len,
-                memo,
-                prompts,
-                pos_log_psi.view(B, K, S),
-                pos_log_w,
-                pos_mask.view(B, K, S),
-                **where,
-            )
+            loss = sampled_loss(neg_scores, *neg_args, *pos_args, **where)
         else:
+            twisted = cfg.negatives == "twisted"
+            neg_logp = logp[B * K :].double()
             loss = exact_last_token_loss(
-                scores[B * K :].double(),
-                logp[B * K :].double(),
-                neg_tok,
-                neg_len,
-                memo,
-                prompts,
-                pos_log_psi.view(B, K, S),
-                pos_log_w,
-                pos_mask.view(B, K, S),
-                **where,
-                twisted=cfg.negatives == "twisted",
+                neg_scores, neg_logp, *neg_args, *pos_args, **where, twisted=twisted
             )
-        if cfg.positives == "given":
+        if pos is None:
             return loss, dict(ess=1.0, log_phi=float(log_phi.mean()))
         ess = torch.exp(-torch.logsumexp(2 * pos.log_weights, dim=1))
         stats = dict(
@@ -305,33 +287,8 @@ class CTLTrainer(Trainer):
         return path
 
 
-def train_ctl(
-    model,
-    tokenizer,
-    prompts: list[str],
-    potential: Potential | Sequence[Potential] | None,
-    head: TwistHead,
-    cfg: CTLConfig,
-    *,
-    eos_token_ids: list[int] | None = None,
-    evaluate: Callable[[TwistHead, int], dict] | None = None,
-    conditions: Tensor | None = None,
-    references: Sequence[Sequence[int]] | None = None,
-    run_config=None,
-) -> dict:
-    """Train ``head`` in place by CTL (resuming from ``cfg.out_dir``); returns what
+def train_ctl(*args, **kwargs) -> dict:
+    """Train a head in place by CTL (resuming from ``cfg.out_dir``): ``CTLTrainer(*args,
+    **kwargs).train()``, with :class:`CTLTrainer`'s arguments; returns what
     :meth:`CTLTrainer.train` does."""
-    trainer = CTLTrainer(
-        model,
-        tokenizer,
-        prompts,
-        potential,
-        head,
-        cfg,
-        eos_token_ids=eos_token_ids,
-        evaluate=evaluate,
-        conditions=conditions,
-        references=references,
-        run_config=run_config,
-    )
-    return trainer.train()
+    return CTLTrainer(*args, **kwargs).train()

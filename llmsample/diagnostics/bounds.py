@@ -44,7 +44,6 @@ from llmsample.generate import ancestral_generate, eos_ids, smc_generate
 from llmsample.hf.prompts import encode_prompts, line_end_ids
 from llmsample.metrics.posterior import bound_gap
 from llmsample.potentials.base import Potential
-from llmsample.smc.config import SMCConfig
 
 __all__ = [
     "LogZBounds",
@@ -67,39 +66,19 @@ def _run(
     num_particles: int,
     seed: int | None,
     reference: Sequence[Reference] | None = None,
-    *,
-    input_ids: Tensor | None = None,
-    attention_mask: Tensor | None = None,
-    twist="none",
-    proposal=None,
-    max_new_tokens: int | None = None,
-    resampling: str | None = None,
-    ess_threshold: float | None = None,
-    progress: bool | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    config: SMCConfig | None = None,
+    **smc_kwargs,
 ) -> Tensor:
-    """log Z_hat [B] of one (conditional) SMC run of ``smc_generate``."""
+    """log Z_hat [B] of one (conditional) SMC run of ``smc_generate`` (``smc_kwargs``: its
+    other keyword arguments, e.g. twist, proposal, max_new_tokens, config)."""
     out = smc_generate(
         model,
         tokenizer,
         prompts,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
         potential=potential,
-        twist=twist,
-        proposal=proposal,
         num_particles=num_particles,
-        max_new_tokens=max_new_tokens,
-        resampling=resampling,
-        ess_threshold=ess_threshold,
         seed=seed,
-        progress=progress,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        config=config,
         reference=reference,
+        **smc_kwargs,
     )
     return out.log_z.double()
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from llmsample.hf.prompts import encode_prompts
-from llmsample.hf.session import vocab_size
+from llmsample.hf.session import full_forward, vocab_size
 from llmsample.hf.toys import TOY_EOS, toy_model, toy_tokenizer  # re-exported: their old home
 from llmsample.particles import Particles
 from llmsample.potentials.base import Potential
@@ -92,7 +92,7 @@ def _next_logp(model, prompt: list[int], prefixes: list[tuple[int, ...]], chunk:
     out = []
     for i in range(0, len(prefixes), chunk):
         rows = torch.tensor([prompt + list(p) for p in prefixes[i : i + chunk]], device=device)
-        logits = model(input_ids=rows, use_cache=False).logits[:, -1].float()
+        logits = full_forward(model, rows)[0][:, -1].float()
         out.append(torch.log_softmax(logits, dim=-1).double().cpu())
     return torch.cat(out)
 

@@ -15,7 +15,7 @@ stop probabilities are sigma's: sigma(STOP | x_<=t) = p(STOP | x_<=t) phi(x_<=t 
 / psi*(x_<=t). For any other q it is still a valid twist (SMC weights telescope, the
 potential replaces psi at completion), so Z_hat stays unbiased; q only sets the variance.
 
-    twist = FlowTwist(policy, None, potential, stop_token_id=eos)  # base: BaseView(policy)
+    twist = FlowTwist(policy, None, stop_token_id=eos)  # base: BaseView(policy)
     out = smc_generate(BaseView(policy), tok, prompts, potential=potential, twist=twist)
 
 **Caveat.** Where phi(x_<=t + STOP) = 0 (a hard constraint the prefix does not yet meet)
@@ -42,8 +42,8 @@ from llmsample.hf.adapters import BaseView, shares_base
 from llmsample.hf.prompts import PromptBatch
 from llmsample.hf.session import LMSession
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
-from llmsample.twists import Twist
+from llmsample.potentials.base import Potential
+from llmsample.twists import RUN_POTENTIAL, PotentialReader
 
 __all__ = ["FlowTwist", "flow_log_psi"]
 
@@ -54,14 +54,15 @@ def flow_log_psi(log_p_stop: Tensor, log_phi_stop: Tensor, log_q_stop: Tensor) -
     return torch.where(torch.isneginf(log_phi_stop.double()), -torch.inf, out)
 
 
-class FlowTwist(Twist):
+class FlowTwist(PotentialReader):
     """The flow of a (SubTB-trained) policy as a twist for SMC on the base model.
 
     ``policy``: the policy q (e.g. a peft LoRA model, run with its adapter on).
     ``base_model``: the SMC run's base model p; None, the policy itself or the model it
-    wraps means ``BaseView(policy)`` (adapter disabled). ``potential``: the SMC run's
-    potential (None: phi = 1). ``stop_token_id``: the stop token the policy was trained
-    with, one of the run's EOS ids. ``log_q_stop``: optional callable replacing the
+    wraps means ``BaseView(policy)`` (adapter disabled). ``potential``: leave it out
+    and the SMC run hands over its own (:class:`PotentialReader`; None: phi = 1).
+    ``stop_token_id`` (required): the stop token the policy was trained with, one of the
+    run's EOS ids. ``log_q_stop``: optional callable replacing the
     policy's log q(STOP | prefix): ``fn(x: Particles) -> [r]`` on the queried prefixes
     (e.g. exact sigma conditionals); the policy then need not be given.
     """
@@ -72,8 +73,8 @@ class FlowTwist(Twist):
         self,
         policy,
         base_model,
-        potential: Potential | None,
-        stop_token_id: int,
+        potential: Potential | None | str = RUN_POTENTIAL,
+        stop_token_id: int | None = None,
         *,
         log_q_stop: Callable[[Particles], Tensor] | None = None,
     ):
@@ -83,7 +84,10 @@ class FlowTwist(Twist):
             if policy is None:
                 raise ValueError("FlowTwist needs a base_model when no policy is given")
             base_model = BaseView(policy)
-        self.policy, self.base_model, self.potential = policy, base_model, potential
+        if stop_token_id is None:
+            raise ValueError("FlowTwist needs stop_token_id (the stop token the policy learned)")
+        super().__init__(potential)
+        self.policy, self.base_model = policy, base_model
         self.stop = int(stop_token_id)
         self.log_q_stop = log_q_stop
         self.q_session: LMSession | None = None

@@ -21,7 +21,7 @@ from llmsample.hf.adapters import BaseView, adapter_off  # BaseView: re-exported
 from llmsample.hf.prompts import PromptBatch, encode_prompts
 from llmsample.hf.session import teacher_force, vocab_size
 from llmsample.particles import Particles
-from llmsample.potentials.core import Potential
+from llmsample.potentials.base import Potential
 
 __all__ = ["BaseView", "RewardTerms", "log_rewards", "policy_diagnostics"]
 

@@ -55,7 +55,7 @@ from llmsample.gfn.rollout import (
 from llmsample.hf.adapters import is_peft, lora_model
 from llmsample.hf.prompts import PromptBatch, encode_prompts
 from llmsample.hf.session import teacher_force
-from llmsample.potentials.core import PerPrompt, Potential
+from llmsample.potentials.base import PerPrompt, Potential
 from llmsample.train.base import Trainer, make_accelerator
 
 __all__ = ["GFNTrainer", "LogZ", "add_lora"]

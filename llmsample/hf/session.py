@@ -37,6 +37,7 @@ __all__ = [
     "output_cache",
     "position_ids",
     "model_device",
+    "full_forward",
 ]
 
 
@@ -94,6 +95,18 @@ def output_cache(out):
 
 def position_ids(mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def full_forward(
+    model, input_ids: Tensor, attention_mask: Tensor | None = None, hidden: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """One uncached forward over whole (left-padded) rows: the logits [R, L, V] and, with
+    ``hidden``, the last layer's hidden states [R, L, H] (else None)."""
+    kw = {} if attention_mask is None else dict(attention_mask=attention_mask)
+    if attention_mask is not None:
+        kw["position_ids"] = position_ids(attention_mask)
+    out = model(input_ids=input_ids, use_cache=False, output_hidden_states=hidden, **kw)
+    return out.logits, out.hidden_states[-1] if hidden else None
 
 
 class LMSession:

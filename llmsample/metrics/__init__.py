@@ -12,44 +12,11 @@ lazily). The ``evaluate.Metric`` wrappers live in ``llmsample.metrics.hf`` (not 
 here: ``evaluate`` imports ``transformers``).
 """
 
-from llmsample.metrics.diversity import (
-    distinct_n,
-    diversity_report,
-    ngram_entropy,
-    self_bleu,
-    unique_ratio,
-    vendi_score,
-)
-from llmsample.metrics.embedding import embed_texts, embedding_diversity
-from llmsample.metrics.posterior import (
-    bound_gap,
-    ess_summary,
-    kl_q_sigma,
-    kl_sigma_q,
-    log_z_spread,
-    tv_noise_floor,
-    tv_to_target,
-)
-from llmsample.metrics.quality import bleu, bootstrap_ci, google_bleu, rouge
+from llmsample.metrics import diversity, embedding, posterior, quality
+from llmsample.metrics.diversity import *  # noqa: F403
+from llmsample.metrics.embedding import *  # noqa: F403
+from llmsample.metrics.posterior import *  # noqa: F403
+from llmsample.metrics.quality import *  # noqa: F403
 
-__all__ = [
-    "bleu",
-    "rouge",
-    "google_bleu",
-    "bootstrap_ci",
-    "self_bleu",
-    "distinct_n",
-    "ngram_entropy",
-    "unique_ratio",
-    "vendi_score",
-    "diversity_report",
-    "embedding_diversity",
-    "embed_texts",
-    "ess_summary",
-    "log_z_spread",
-    "kl_q_sigma",
-    "kl_sigma_q",
-    "tv_to_target",
-    "tv_noise_floor",
-    "bound_gap",
-]
+# the public names of the four modules, joined
+__all__: list[str] = [*quality.__all__, *diversity.__all__, *embedding.__all__, *posterior.__all__]

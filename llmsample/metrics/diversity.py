@@ -89,11 +89,9 @@ def self_bleu(groups: Groups, tokenize: str | None = None) -> dict:
     return summarize_per_prompt(per)
 
 
-def distinct_n(groups: Groups, n: int = 1) -> dict:
-    """Distinct-n: unique n-grams / total n-grams of each group, in [0, 1].
-
-    A group without any n-gram (every sample shorter than n tokens) is skipped (``None``).
-    """
+def _ngram_stat(groups: Groups, n: int, stat: Callable[[Counter, int], float]) -> dict:
+    """``stat(counts, total)`` of each group's pooled n-gram counts, summarized over
+    groups; a group without any n-gram (every sample shorter than n tokens) is ``None``."""
     check_groups(groups)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -101,8 +99,21 @@ def distinct_n(groups: Groups, n: int = 1) -> dict:
     for g in groups:
         c = _group_counts(g, n)
         total = sum(c.values())
-        per.append(len(c) / total if total else None)
+        per.append(stat(c, total) if total else None)
     return summarize_per_prompt(per)
+
+
+def distinct_n(groups: Groups, n: int = 1) -> dict:
+    """Distinct-n: unique n-grams / total n-grams of each group, in [0, 1].
+
+    A group without any n-gram (every sample shorter than n tokens) is skipped (``None``).
+    """
+    return _ngram_stat(groups, n, lambda c, total: len(c) / total)
+
+
+def _entropy(c: Counter, total: int) -> float:
+    p = np.array(list(c.values()), dtype=np.float64) / total
+    return float(-(p * np.log(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def ngram_entropy(groups: Groups, n: int = 1) -> dict:
@@ -111,19 +122,7 @@ def ngram_entropy(groups: Groups, n: int = 1) -> dict:
     The n-grams of all samples of a group are pooled and counted; entropy is
     -sum p log p with p = count / total. Groups without n-grams are skipped (``None``).
     """
-    check_groups(groups)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    per: list[float | None] = []
-    for g in groups:
-        c = _group_counts(g, n)
-        total = sum(c.values())
-        if not total:
-            per.append(None)
-            continue
-        p = np.array(list(c.values()), dtype=np.float64) / total
-        per.append(float(-(p * np.log(p)).sum()) + 0.0)  # + 0.0 turns -0.0 into 0.0
-    return summarize_per_prompt(per)
+    return _ngram_stat(groups, n, _entropy)
 
 
 def unique_ratio(groups: Groups) -> dict:

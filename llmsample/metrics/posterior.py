@@ -89,14 +89,7 @@ def log_z_spread(log_zs: Tensor | Sequence[Tensor]) -> dict:
     adds nothing to ``log_mean_exp``, which is -inf only if every seed is. Never NaN.
     Top-level values average the per-prompt ones (so a single -inf/inf prompt shows).
     """
-    x = torch.stack(list(log_zs)) if not isinstance(log_zs, Tensor) else log_zs
-    x = x.double()
-    if x.ndim == 1:
-        x = x[:, None]
-    if x.ndim != 2 or x.shape[0] < 1:
-        raise ValueError(f"log_zs must be [S seeds, B prompts], got shape {tuple(x.shape)}")
-    if x.isnan().any() or x.isposinf().any():
-        raise ValueError("log_zs contain NaN or +inf")
+    x = _runs(log_zs, "log_zs")  # [S, B]
     s = x.shape[0]
     neg = x.isneginf()
     n_neg = neg.sum(0)

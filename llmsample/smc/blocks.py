@@ -92,6 +92,7 @@ def run_smc_blocks(
     state = RunState.new(prompts, tokenizer, eos, N, T, backend.vocab_size)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     ancestry = FreeAncestry(cfg.resampling)
+    twist.bind(potential)  # the run's potential, passed once
     twist.start(prompts, N)
     rows_of_prompt = _prompt_rows(prompts)
     eos_set = set(eos.tolist())

@@ -147,6 +147,7 @@ def run_smc(
     prompts = prompts.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     proposal.start(prompts, N, V)
+    twist.bind(potential)  # the run's potential, passed once
     twist.start(prompts, N)
     pieces = (session, proposal, twist)  # stateful per-row pieces: reordered, advanced
     potential_tokens_before = getattr(potential, "forward_tokens", 0)
