@@ -30,6 +30,7 @@ MOVED: dict[str, str] = {
     "llmsample.decoding": "llmsample.hf.decoding",
     "llmsample.resampling": "llmsample.smc.resampling",
     "llmsample.concepts": "llmsample.potentials.concepts",
+    "llmsample.potentials.core": "llmsample.potentials",  # split into base, text, tokens, model
     "llmsample.ctl_trainer": "llmsample.ctl.trainer",
     "llmsample.twist_head": "llmsample.ctl.head",
     "llmsample.checkpoints": "llmsample.train.checkpoints",
