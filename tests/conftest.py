@@ -19,11 +19,28 @@ _threads = os.environ["OMP_NUM_THREADS"]
 torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else 1)
 
 from llmsample.diagnostics.exact import TOY_EOS as EOS  # noqa: E402
+from llmsample.diagnostics.exact import enumerate_target  # noqa: E402
 from llmsample.diagnostics.exact import toy_model as make_model  # noqa: E402
 from llmsample.diagnostics.exact import toy_tokenizer as make_tokenizer  # noqa: E402
+from llmsample.potentials import Reward  # noqa: E402
 
 VOCAB = 9
-__all__ = ["EOS", "VOCAB", "CHAT_WORDS", "make_model", "make_tokenizer", "make_chat_tokenizer"]
+__all__ = [
+    "EOS",
+    "VOCAB",
+    "CHAT_WORDS",
+    "GFN_PHI",
+    "GFN_PROMPT",
+    "GFN_T",
+    "GFN_TARGETS",
+    "continuations",
+    "gfn_config",
+    "make_model",
+    "make_tokenizer",
+    "make_chat_tokenizer",
+    "perturbed_lora",
+    "soft_reward",
+]
 
 # a toy chat template: "<turn> ROLE CONTENT <eos>" per message, then "<turn> assistant"
 CHAT_WORDS = ["<turn>", "user", "assistant", "system"]
@@ -43,9 +60,87 @@ def make_chat_tokenizer(words: list[str]):
     return tok
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+def soft_reward(c: float = 1.0, a: float = 0.7) -> Reward:
+    """The toy soft reward log phi = c * #"c" - a * #"a" (counted over the text's words),
+    scoring prefixes with the same function: a valid, non-optimal twist."""
+
+    def score(texts):
+        return [c * t.split().count("c") - a * t.split().count("a") for t in texts]
+
+    return Reward(score, score)
+
+
+def continuations(out, b: int) -> list[tuple[int, ...]]:
+    """The continuations of row group ``b`` of a generate output as tuples (up to and
+    including the first EOS; padding after it dropped)."""
+    rows = out.continuations[b].tolist()
+    return [tuple(r[: r.index(EOS) + 1] if EOS in r else r) for r in rows]
+
+
+def perturbed_lora(model, target_modules: list[str], std: float, seed: int = 2):
+    """``add_lora(model)`` on ``target_modules`` with its (zero-initialized) B matrices drawn
+    from N(0, std^2), so the adapted q differs from the base p; in eval mode. peft adapts
+    ``model`` in place."""
+    import warnings
+
+    from llmsample.gfn import GFNConfig, add_lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: fan_in_fan_out for GPT-2's Conv1D
+        policy = add_lora(model, GFNConfig(target_modules=target_modules))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std, generator=gen)
+    return policy.eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return make_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The toy tokenizer (no pad token; a module may override it with its own ``tok``)."""
     return make_tokenizer()
+
+
+# The GFlowNet task of test_gfn_trainer.py and test_flow_twist.py: the toy GPT-2 with a
+# LoRA on every linear layer (lm_head included), prompt "a b", T = 3 new tokens.
+GFN_T = 3
+GFN_PROMPT = "a b"
+GFN_TARGETS = ["c_attn", "c_proj", "c_fc", "lm_head"]
+GFN_PHI = soft_reward(2.0, 1.5)
+
+
+def gfn_config(tmp_path, **kw):
+    """A short GFNConfig for the GFlowNet task (40 steps, no saves or evals), writing under
+    ``tmp_path / "run"``; ``kw`` overrides any field."""
+    from llmsample.gfn import GFNConfig
+
+    base = dict(
+        steps=40,
+        samples_per_prompt=32,
+        max_new_tokens=GFN_T,
+        lr=3e-3,
+        out_dir=str(tmp_path / "run"),
+        save_every=0,
+        eval_every=0,
+        log_every=5,
+        progress=False,
+        target_modules=GFN_TARGETS,
+    )
+    return GFNConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def gfn_target():
+    """The GFlowNet task's exact target (the toy GPT-2, padded tokenizer, GFN_PHI)."""
+    return enumerate_target(
+        make_model("gpt2"), make_tokenizer(with_pad=True), GFN_PROMPT, GFN_PHI, GFN_T, EOS
+    )
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

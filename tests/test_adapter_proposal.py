@@ -14,39 +14,18 @@ import warnings
 
 import pytest
 import torch
-from conftest import EOS, make_model, make_tokenizer
+from conftest import EOS, continuations, make_model, make_tokenizer, perturbed_lora, soft_reward
 
 import llmsample
 from llmsample.diagnostics.exact import enumerate_target
 from llmsample.generate import _resolve_proposal
-from llmsample.gfn import GFNConfig, add_lora
-from llmsample.potentials import Reward
 from llmsample.proposals import ModelProposal
 from llmsample.smc import SMCConfig, run_smc
 
 PROMPTS = ["a b", "c d e f"]
 T = 4
 GPT2_MODULES = ["c_attn", "c_proj", "c_fc"]
-
-
-def soft(texts):  # log phi = #c - 0.7 #a, with prefix scores (a valid twist)
-    return [1.0 * t.split().count("c") - 0.7 * t.split().count("a") for t in texts]
-
-
-SOFT = Reward(soft, soft)
-
-
-def make_policy(base, std=0.2, seed=2):
-    """``add_lora`` with its (zero-initialized) B matrices perturbed, so q != p_base."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft: fan_in_fan_out for GPT-2's Conv1D
-        policy = add_lora(base, GFNConfig(target_modules=GPT2_MODULES))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, std, generator=gen)
-    return policy.eval()
+SOFT = soft_reward()  # log phi = #c - 0.7 #a, with prefix scores (a valid twist)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +34,7 @@ def setup():
     tok = make_tokenizer()
     base = make_model("gpt2")
     exact_base = [enumerate_target(base, tok, p, SOFT, T, EOS) for p in PROMPTS]  # unwrapped
-    policy = make_policy(base)
+    policy = perturbed_lora(base, GPT2_MODULES, std=0.2)  # q != p_base
     exact_policy = [enumerate_target(policy, tok, p, SOFT, T, EOS) for p in PROMPTS]
     return base, policy, tok, exact_base, exact_policy
 
@@ -188,8 +167,7 @@ def test_weighted_particles_match_the_base_posterior(setup):
         targets = [enumerate_target(policy, tok, p, SOFT, t3, EOS) for p in PROMPTS]
     wrong = [enumerate_target(policy, tok, p, SOFT, t3, EOS) for p in PROMPTS]
     for b, (target, bad) in enumerate(zip(targets, wrong)):
-        rows = out.continuations[b].tolist()
-        samples = [tuple(r[: r.index(EOS) + 1] if EOS in r else r) for r in rows]
+        samples = continuations(out, b)
         m = int(llmsample.smc.resampling.ess(out.log_weights[b]))
         floor = target.tv_noise_floor(m, q=0.99)
         assert target.tv(samples, out.log_weights[b]) < floor
@@ -262,8 +240,7 @@ def test_adapter_as_plain_sampler(setup):
     adapted = enumerate_target(policy, tok, PROMPTS[0], None, t3, EOS)
     with policy.disable_adapter():
         base = enumerate_target(policy, tok, PROMPTS[0], None, t3, EOS)
-    rows = out.continuations[0].tolist()
-    samples = [tuple(r[: r.index(EOS) + 1] if EOS in r else r) for r in rows]
+    samples = continuations(out, 0)
     floor = adapted.tv_noise_floor(len(samples), q=0.99)
     assert adapted.tv(samples) < floor
     assert base.tv(samples) > floor

@@ -107,6 +107,7 @@ def test_rollout_log_q_equals_teacher_forced_log_q(bench, stop):
         policy, prompts, K, T, stop, forced=ro.tokens
     )
     assert torch.equal(tokens, ro.tokens) and torch.equal(lengths, ro.lengths)
+    assert log_q_ref.requires_grad  # LMSession(grad=True): autograd through the rollout
 
     index = torch.arange(B).repeat_interleave(K)
     tf = teacher_force(

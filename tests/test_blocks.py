@@ -10,12 +10,11 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, make_model, make_tokenizer
+from conftest import EOS, continuations, make_model, make_tokenizer, soft_reward
 
 from llmsample.diagnostics.exact import enumerate_target
 from llmsample.hf.blocks import HFBlocks
 from llmsample.hf.prompts import encode_prompts
-from llmsample.potentials import Reward
 from llmsample.smc.blocks import Block, run_smc_blocks
 from llmsample.smc.config import SMCConfig
 from llmsample.smc.resampling import ess
@@ -23,13 +22,7 @@ from llmsample.twists import PotentialTwist
 
 PROMPTS = ["a b", "c d e f"]
 T = 4
-
-
-def soft(texts):  # scores prefixes too: a valid, non-optimal twist
-    return [1.0 * t.split().count("c") - 0.7 * t.split().count("a") for t in texts]
-
-
-SOFT = Reward(soft, soft)
+SOFT = soft_reward()  # log phi = #c - 0.7 #a, scores prefixes too: a valid, non-optimal twist
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -76,8 +69,7 @@ def test_block_particles_match_posterior_within_noise_floor(setup):
     out, _ = run(model, tok, PROMPTS, cfg)
     for b, p in enumerate(PROMPTS):
         target = enumerate_target(model, tok, p, SOFT, t3, EOS)
-        rows = out.continuations[b].tolist()
-        samples = [tuple(r[: r.index(EOS) + 1] if EOS in r else r) for r in rows]
+        samples = continuations(out, b)
         floor = target.tv_noise_floor(int(ess(out.log_weights[b])), q=0.99)
         assert target.tv(samples, out.log_weights[b]) < floor
         assert target.tv(samples) > floor

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, make_model, make_tokenizer
+from conftest import EOS, make_model, make_tokenizer, soft_reward
 
 from llmsample.diagnostics.bounds import (
     LogZBounds,
@@ -23,7 +23,7 @@ from llmsample.diagnostics.bounds import (
 from llmsample.diagnostics.exact import enumerate_target
 from llmsample.hf.prompts import encode_prompts
 from llmsample.metrics import bound_gap
-from llmsample.potentials import Contains, Reward, SuffixLikelihood
+from llmsample.potentials import Contains, SuffixLikelihood
 from llmsample.proposals import LocallyOptimal
 from llmsample.smc import SMCConfig, run_smc
 from llmsample.smc.conditional import conditional_multinomial
@@ -32,13 +32,7 @@ from llmsample.twists import PotentialTwist, Twist
 PROMPT = "a b"
 T = 3  # 585 complete continuations
 RUNS = 300
-
-
-def soft(texts):  # prefix and complete score: a valid, non-optimal twist, far from p
-    return [2.0 * t.split().count("c") - 1.5 * t.split().count("a") for t in texts]
-
-
-SOFT = Reward(soft, soft)
+SOFT = soft_reward(2.0, 1.5)  # prefix and complete score: a valid, non-optimal twist, far from p
 
 
 @pytest.fixture(scope="module")

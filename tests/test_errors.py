@@ -15,16 +15,6 @@ from llmsample.potentials import Constraint, Contains, Potential, Regex, Reward,
 FAST = dict(num_particles=4, max_new_tokens=4, seed=0)
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    return make_model("gpt2")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
 # --------------------------------------------------------------------------- prompts
 
 

@@ -9,29 +9,17 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, make_model, make_tokenizer
+from conftest import EOS, continuations, make_model, make_tokenizer, soft_reward
 
 import llmsample
 from llmsample.diagnostics.exact import enumerate_target
-from llmsample.potentials import Contains, Reward, TokenMask
+from llmsample.potentials import Contains, TokenMask
 from llmsample.proposals import LMProposal, LocallyOptimal, ModelProposal
 from llmsample.twists import Twist
 
 PROMPTS = ["a b", "c d e f"]
 T = 4
-
-
-def soft(texts):  # a soft reward that also scores prefixes (a valid, non-optimal twist)
-    return [1.0 * t.split().count("c") - 0.7 * t.split().count("a") for t in texts]
-
-
-SOFT = Reward(soft, soft)
-
-
-def continuations(out, b):
-    """Complete continuations of prompt b as tuples (EOS kept, padding dropped)."""
-    rows = out.continuations[b].tolist()
-    return [tuple(r[: r.index(EOS) + 1] if EOS in r else r) for r in rows]
+SOFT = soft_reward()  # log phi = #c - 0.7 #a, scores prefixes too: a valid, non-optimal twist
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])

@@ -3,6 +3,9 @@
 Checked against brute-force enumeration: Z_hat unbiased for any policy; the flow formula
 with sigma's exact stop probabilities is the optimal twist psi*; a short SubTB training
 run gives a twist that lowers Var(log Z_hat) below untwisted SMC.
+
+The task (GFN_T, GFN_PROMPT, GFN_PHI, gfn_config) and its exact target (gfn_target) are
+conftest's, shared with test_gfn_trainer.py.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import GFN_PHI as PHI
+from conftest import GFN_PROMPT as PROMPT
+from conftest import GFN_T as T
+from conftest import GFN_TARGETS as TARGETS
+from conftest import gfn_config, perturbed_lora
 
 import llmsample
 from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
@@ -19,37 +27,6 @@ from llmsample.gfn import BaseView, GFNConfig, GFNTrainer, add_lora
 from llmsample.gfn.flow_twist import FlowTwist, flow_log_psi
 from llmsample.hf.prompts import encode_prompts
 from llmsample.particles import Particles
-from llmsample.potentials import Reward
-
-T = 3
-PROMPT = "a b"
-TARGETS = ["c_attn", "c_proj", "c_fc", "lm_head"]
-
-
-def _soft(texts):
-    return [2.0 * t.split().count("c") - 1.5 * t.split().count("a") for t in texts]
-
-
-PHI = Reward(_soft, _soft)
-
-
-def _policy(model, std=0.1, seed=2):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        policy = add_lora(model, GFNConfig(target_modules=TARGETS))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, std, generator=gen)
-    return policy.eval()
-
-
-@pytest.fixture(scope="module")
-def target():
-    return enumerate_target(
-        toy_model("gpt2"), toy_tokenizer(with_pad=True), PROMPT, PHI, T, TOY_EOS
-    )
 
 
 def _exact_stop(target):
@@ -108,21 +85,21 @@ def _drive(twist, tok, target_keys=None):
     return out
 
 
-def test_flow_formula_with_sigma_stop_is_the_optimal_twist(target):
+def test_flow_formula_with_sigma_stop_is_the_optimal_twist(gfn_target):
     """log p(STOP|x) + log phi(x+STOP) - log sigma(STOP|x) = log psi*(x), to 1e-8."""
-    stop = _exact_stop(target)
+    stop = _exact_stop(gfn_target)
     assert len(stop) == 8 + 64
     prefixes = list(stop)
     a, b, c = (torch.tensor([stop[p][k] for p in prefixes], dtype=torch.float64) for k in range(3))
     got = flow_log_psi(a, b, c)
-    want = torch.tensor([target.log_psi[p] for p in prefixes], dtype=torch.float64)
+    want = torch.tensor([gfn_target.log_psi[p] for p in prefixes], dtype=torch.float64)
     assert torch.allclose(got, want, atol=1e-8, rtol=0), (got - want).abs().max()
 
 
-def test_flow_twist_with_exact_sigma_stop_matches_psi_star(target):
+def test_flow_twist_with_exact_sigma_stop_matches_psi_star(gfn_target):
     """FlowTwist end to end (its own base session and stop-extended phi) with q(STOP|.)
     replaced by sigma's: psi* on every prefix (fp32 model, cached vs uncached: 1e-4)."""
-    stop = _exact_stop(target)
+    stop = _exact_stop(gfn_target)
     tok = toy_tokenizer(with_pad=True)
 
     def sigma_stop(x):
@@ -130,7 +107,7 @@ def test_flow_twist_with_exact_sigma_stop_matches_psi_star(target):
 
     twist = FlowTwist(None, toy_model("gpt2"), PHI, TOY_EOS, log_q_stop=sigma_stop)
     got = _drive(twist, tok)
-    err = max(abs(got[p] - target.log_psi[p]) for p in stop)
+    err = max(abs(got[p] - gfn_target.log_psi[p]) for p in stop)
     assert set(got) == set(stop) and err < 1e-4, err
 
 
@@ -138,7 +115,7 @@ def test_prefix_on_a_subset_uses_row_numbers():
     """Asked about a subset of rows (out of order), each gets its own state row; a view
     without row numbers (not from the engine) is refused."""
     tok = toy_tokenizer(with_pad=True)
-    policy = _policy(toy_model("gpt2"))
+    policy = perturbed_lora(toy_model("gpt2"), TARGETS, std=0.1)
     batch = encode_prompts(tok, [PROMPT, "c d e"])
     first = torch.tensor([1, 1, 2, 1, 3, 3])  # 2 prompts x 3 rows
     second = torch.tensor([4, 5, 6, 7, 0, 2])
@@ -181,15 +158,15 @@ def _smc(model, tok, runs, twist, N, seed):
     )
 
 
-def test_z_hat_unbiased_for_any_policy(target):
+def test_z_hat_unbiased_for_any_policy(gfn_target):
     """A random policy (q != sigma): Z_hat/Z has mean 1, for two prompts of different
     lengths in one batch (left padding; rows finish at different steps, so the engine
     asks about subsets and resamples every step)."""
     tok = toy_tokenizer(with_pad=True)
     model = toy_model("gpt2")
     prompts = [PROMPT, "c d e f"]
-    targets = [target, enumerate_target(model, tok, prompts[1], PHI, T, TOY_EOS)]
-    policy = _policy(model, std=0.3)
+    targets = [gfn_target, enumerate_target(model, tok, prompts[1], PHI, T, TOY_EOS)]
+    policy = perturbed_lora(model, TARGETS, std=0.3)
     twist = FlowTwist(policy, None, PHI, TOY_EOS)
     runs = 400
     out = llmsample.smc_generate(
@@ -210,28 +187,16 @@ def test_z_hat_unbiased_for_any_policy(target):
         assert abs(ratio.mean() - 1) < 3 * se, (prompts[b], ratio.mean(), se)
 
 
-def test_subtb_policy_flow_twist_lowers_log_z_variance(tmp_path, target):
+def test_subtb_policy_flow_twist_lowers_log_z_variance(tmp_path, gfn_target):
     tok = toy_tokenizer(with_pad=True)
-    cfg = GFNConfig(
-        loss="subtb",
-        steps=80,
-        samples_per_prompt=32,
-        max_new_tokens=T,
-        lr=3e-3,
-        out_dir=str(tmp_path / "run"),
-        save_every=0,
-        eval_every=0,
-        log_every=1000,
-        progress=False,
-        target_modules=TARGETS,
-    )
+    cfg = gfn_config(tmp_path, loss="subtb", steps=80, log_every=1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         policy = add_lora(toy_model("gpt2"), cfg)
     GFNTrainer(policy, tok, [PROMPT], PHI, cfg, stop_ids=[TOY_EOS]).train()
     policy.eval()
     base = BaseView(policy)
-    stop = _exact_stop(target)
+    stop = _exact_stop(gfn_target)
 
     def sigma_stop(x):  # q(STOP|.) = sigma's: the flow twist is then psi* (exact)
         return torch.tensor([stop[tuple(r)][2] for r in x.tokens.tolist()], dtype=torch.float64)
@@ -244,7 +209,7 @@ def test_subtb_policy_flow_twist_lowers_log_z_variance(tmp_path, target):
     best = _smc(base, tok, runs, exact, N, seed=0).log_z
     var_flow, var_plain, var_best = float(flow.var()), float(plain.var()), float(best.var())
     got = _drive(FlowTwist(policy, None, PHI, TOY_EOS), tok)
-    err = [abs(got[p] - target.log_psi[p]) for p in stop]
+    err = [abs(got[p] - gfn_target.log_psi[p]) for p in stop]
     print(
         f"\nVar(log Z_hat), N={N}, {runs} seeds: flow twist {var_flow:.4g}, no twist "
         f"{var_plain:.4g}, exact psi* {var_best:.4g} (first 40 seeds: {float(flow[:40].var()):.4g}"

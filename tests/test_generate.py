@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, make_model, make_tokenizer
+from conftest import EOS, make_model
 
 import llmsample
 from llmsample import SMCConfig, smc_generate
@@ -38,16 +38,6 @@ def assert_same_output(a, b):
     torch.testing.assert_close(a.log_weights, b.log_weights)
     torch.testing.assert_close(a.log_z, b.log_z)
     assert torch.equal(a.resampled, b.resampled)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return make_model("gpt2")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 SMC = dict(potential=REWARD, num_particles=6, max_new_tokens=6, seed=1, ess_threshold=0.9)

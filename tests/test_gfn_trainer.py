@@ -1,4 +1,8 @@
-"""GFlowNet trainer on a toy LM: exact KL goes down, resume is exact, bad input is refused."""
+"""GFlowNet trainer on a toy LM: exact KL goes down, resume is exact, bad input is refused.
+
+The task (GFN_T, GFN_PROMPT, GFN_PHI, gfn_config) and its exact target (gfn_target) are
+conftest's, shared with test_flow_twist.py.
+"""
 
 from __future__ import annotations
 
@@ -7,39 +11,16 @@ import signal
 
 import pytest
 import torch
+from conftest import GFN_PHI as PHI
+from conftest import GFN_PROMPT as PROMPT
+from conftest import GFN_T as T
+from conftest import gfn_config
 
 from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import GFNConfig, GFNTrainer, ReplayBuffer, add_lora, sample_rollouts
 from llmsample.hf.prompts import encode_prompts
 from llmsample.hf.session import teacher_force
-from llmsample.potentials import Constraint, Reward
-
-T = 3
-PROMPT = "a b"
-TARGETS = ["c_attn", "c_proj", "c_fc", "lm_head"]
-
-
-def _soft(texts):
-    return [2.0 * t.split().count("c") - 1.5 * t.split().count("a") for t in texts]
-
-
-PHI = Reward(_soft, _soft)
-
-
-def _cfg(tmp_path, **kw) -> GFNConfig:
-    base = dict(
-        steps=40,
-        samples_per_prompt=32,
-        max_new_tokens=T,
-        lr=3e-3,
-        out_dir=str(tmp_path / "run"),
-        save_every=0,
-        eval_every=0,
-        log_every=5,
-        progress=False,
-        target_modules=TARGETS,
-    )
-    return GFNConfig(**(base | kw))
+from llmsample.potentials import Constraint
 
 
 def _kl(policy, tok, target) -> float:
@@ -47,20 +28,14 @@ def _kl(policy, tok, target) -> float:
     return float((q.exp() * (q - target.log_sigma)).sum())
 
 
-@pytest.fixture(scope="module")
-def target():
-    model, tok = toy_model("gpt2"), toy_tokenizer(with_pad=True)
-    return enumerate_target(model, tok, PROMPT, PHI, T, TOY_EOS)
-
-
 @pytest.mark.parametrize("loss", ["tb", "vargrad", "subtb"])
-def test_training_drives_exact_kl_down(tmp_path, target, loss):
+def test_training_drives_exact_kl_down(tmp_path, gfn_target, loss):
     tok = toy_tokenizer(with_pad=True)
-    policy = add_lora(toy_model("gpt2"), _cfg(tmp_path))
-    before = _kl(policy, tok, target)
-    cfg = _cfg(tmp_path, loss=loss)
+    policy = add_lora(toy_model("gpt2"), gfn_config(tmp_path))
+    before = _kl(policy, tok, gfn_target)
+    cfg = gfn_config(tmp_path, loss=loss)
     result = GFNTrainer(policy, tok, [PROMPT], PHI, cfg, stop_ids=[TOY_EOS]).train()
-    after = _kl(policy, tok, target)
+    after = _kl(policy, tok, gfn_target)
     assert result["finished"] and result["step"] == 40
     assert before > 1.0  # the base model is far from sigma ...
     assert after < before / 5, (before, after)  # ... and 40 steps close most of the gap
@@ -79,7 +54,7 @@ def test_prompt_conditioned_log_z_learns_per_prompt(tmp_path):
     model, tok = toy_model("gpt2"), toy_tokenizer(with_pad=True)
     prompts = ["a b", "c d e f"]
     zs = [enumerate_target(model, tok, p, PHI, T, TOY_EOS).log_z for p in prompts]
-    cfg = _cfg(tmp_path, log_z="prompt", prompts_per_step=2, steps=150, log_z_lr=0.05)
+    cfg = gfn_config(tmp_path, log_z="prompt", prompts_per_step=2, steps=150, log_z_lr=0.05)
     trainer = GFNTrainer(add_lora(model, cfg), tok, prompts, PHI, cfg, stop_ids=[TOY_EOS])
     trainer.train()
     pb = encode_prompts(tok, prompts)  # the padded batch the trainer feeds the head
@@ -94,7 +69,7 @@ def test_resume_after_signal_matches_uninterrupted_run(tmp_path):
     tok = toy_tokenizer(with_pad=True)
 
     def run(out, interrupt_at=None):
-        cfg = _cfg(tmp_path, steps=8, out_dir=str(out), eval_every=4 if interrupt_at else 0)
+        cfg = gfn_config(tmp_path, steps=8, out_dir=str(out), eval_every=4 if interrupt_at else 0)
         policy = add_lora(toy_model("gpt2"), cfg)
 
         def evaluate(model, step):
@@ -130,7 +105,7 @@ def test_resume_after_signal_matches_uninterrupted_run(tmp_path):
 def test_time_budget_stop_leaves_a_usable_adapter(tmp_path):
     """max_minutes is a budget: the run stops resumably *and* exports what it learned."""
     tok = toy_tokenizer(with_pad=True)
-    cfg = _cfg(tmp_path, steps=8, max_minutes=1e-9)
+    cfg = gfn_config(tmp_path, steps=8, max_minutes=1e-9)
     result = GFNTrainer(add_lora(toy_model("gpt2"), cfg), tok, [PROMPT], PHI, cfg).train()
     assert result["stopped_by"] == "max_minutes" and not result["finished"]
     assert result["step"] == 1
@@ -142,14 +117,14 @@ def test_refuses_bad_input(tmp_path):
     tok = toy_tokenizer(with_pad=True)
     model = toy_model("gpt2")
     with pytest.raises(TypeError, match="peft model"):
-        GFNTrainer(model, tok, [PROMPT], PHI, _cfg(tmp_path))
-    policy = add_lora(model, _cfg(tmp_path))
+        GFNTrainer(model, tok, [PROMPT], PHI, gfn_config(tmp_path))
+    policy = add_lora(model, gfn_config(tmp_path))
     with pytest.raises(ValueError, match="single stop token"):
-        GFNTrainer(policy, tok, [PROMPT], PHI, _cfg(tmp_path, loss="subtb"), stop_ids=[0, 8])
+        GFNTrainer(policy, tok, [PROMPT], PHI, gfn_config(tmp_path, loss="subtb"), stop_ids=[0, 8])
     with pytest.raises(ValueError, match="at least one prompt"):
-        GFNTrainer(policy, tok, [], PHI, _cfg(tmp_path))
+        GFNTrainer(policy, tok, [], PHI, gfn_config(tmp_path))
     hard = Constraint(lambda text: "c" in text.split(), name="has c")
-    cfg = _cfg(tmp_path, steps=3)
+    cfg = gfn_config(tmp_path, steps=3)
     with pytest.raises(ValueError, match="positive reward"):
         GFNTrainer(policy, tok, [PROMPT], hard, cfg, stop_ids=[TOY_EOS]).train()
 

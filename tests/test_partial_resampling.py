@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, make_model, make_tokenizer
+from conftest import EOS, continuations, make_model, make_tokenizer, soft_reward
 
 import llmsample
 from llmsample.diagnostics.exact import enumerate_target
@@ -18,10 +18,7 @@ from llmsample.potentials import Reward
 
 PROMPTS = ["a b", "c d e f"]
 T = 3
-
-
-def soft(texts):  # prefix score: a valid, non-optimal twist
-    return [1.0 * t.split().count("c") - 0.7 * t.split().count("a") for t in texts]
+soft = soft_reward().fn  # log phi = #c - 0.7 #a; the prefix score: a valid, non-optimal twist
 
 
 def small_phi(texts):  # log phi of a complete text: very small, and lower for longer texts
@@ -41,12 +38,6 @@ def run(model, tok, runs, **kw):
     """``runs`` independent SMC runs per prompt, resampling at every step."""
     kw = dict(potential=POTENTIAL, max_new_tokens=T, ess_threshold=1.5, seed=0) | kw
     return llmsample.smc_generate(model, tok, [p for p in PROMPTS for _ in range(runs)], **kw)
-
-
-def continuations(out, i):
-    """Complete continuations of row group i as tuples (EOS kept, padding dropped)."""
-    rows = out.continuations[i].tolist()
-    return [tuple(r[: r.index(EOS) + 1] if EOS in r else r) for r in rows]
 
 
 @pytest.mark.parametrize("scheme", ["multinomial", "systematic"])

@@ -13,7 +13,7 @@ import regex
 import torch
 from conftest import EOS, VOCAB, make_model, make_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2ForSequenceClassification, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from llmsample import Particles
 from llmsample.hf.prompts import encode_prompts
@@ -29,6 +29,7 @@ from llmsample.potentials import (
     Tempered,
     TokenMask,
 )
+from llmsample.testing import toy_classifier
 
 NINF = -math.inf
 TOK = make_tokenizer()
@@ -354,22 +355,9 @@ def test_suffix_likelihood_empty_suffix_raises():
 
 @pytest.fixture(scope="module")
 def classifier():
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=32,
-        n_layer=1,
-        n_head=2,
-        n_positions=64,
-        num_labels=2,
-        pad_token_id=EOS,
-        id2label={0: "neg", 1: "pos"},
-        label2id={"neg": 0, "pos": 1},
-    )
-    model = GPT2ForSequenceClassification(cfg).eval()
-    with torch.no_grad():
-        model.score.weight.mul_(20.0)  # spread the outputs out
-    return model
+    """The toy GPT-2 classifier: labels "neg"/"pos", pad = EOS, head scaled by 20 to spread
+    the outputs out."""
+    return toy_classifier(seed=0, scale=20.0)
 
 
 def _manual_class_logp(model, text, label):

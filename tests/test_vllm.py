@@ -9,25 +9,18 @@ import math
 
 import pytest
 import torch
-from conftest import EOS, make_tokenizer
+from conftest import EOS, make_tokenizer, soft_reward
 
 import llmsample
 from llmsample.diagnostics.exact import enumerate_target
 from llmsample.hf.prompts import encode_prompts
-from llmsample.potentials import Reward
 from llmsample.proposals import LMProposal
 from llmsample.vllm import VLLMBlocks
 
 PROMPTS = ["a b", "c d e f"]
 T = 4
 RUNS = 100
-
-
-def soft(texts):  # scores prefixes too: the twist
-    return [1.0 * t.split().count("c") - 0.7 * t.split().count("a") for t in texts]
-
-
-SOFT = Reward(soft, soft)
+SOFT = soft_reward()  # log phi = #c - 0.7 #a, scores prefixes too: the twist
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,9 @@ class LMSession:
     returning a context manager, wraps every forward (prefill and steps): e.g. a peft
     model's ``disable_adapter`` to decode with the base model under a LoRA adapter.
     With ``hidden=True`` it also keeps ``hidden``, each row's fp32 last-layer state at
-    its last token ([B*N, H]), for heads on the model (e.g. a learned twist).
+    its last token ([B*N, H]), for heads on the model (e.g. a learned twist). Forwards run
+    in inference mode; with ``grad=True`` they keep autograd on instead, so ``logp``
+    carries gradients through the prompt, the cache and every step.
     """
 
     def __init__(
@@ -128,15 +130,17 @@ class LMSession:
         num_particles: int,
         context: Callable[[], AbstractContextManager] | None = None,
         hidden: bool = False,
+        grad: bool = False,
     ):
         self.model = model
+        self.grad = grad
         self.context = context or nullcontext
         self.keep_hidden = hidden
         self.hidden: Tensor | None = None
         self.device = model_device(model)
         prompts = prompts.to(self.device)
         B, P = prompts.input_ids.shape
-        with self.context(), torch.inference_mode():
+        with self.context(), self._autograd():
             out = model(
                 input_ids=prompts.input_ids,
                 attention_mask=prompts.attention_mask,
@@ -160,6 +164,9 @@ class LMSession:
         self.reorder(
             torch.arange(B, device=self.device).repeat_interleave(num_particles)
         )  # expand the prompt cache once: [B] -> [B*N]
+
+    def _autograd(self) -> AbstractContextManager:
+        return torch.enable_grad() if self.grad else torch.inference_mode()
 
     def reorder(self, index: Tensor) -> None:
         """Make row r a copy of old row ``index[r]`` (resampling, or expansion)."""
@@ -187,7 +194,7 @@ class LMSession:
             [self.attention_mask, self.attention_mask.new_ones((R, 1))], dim=1
         )
         self.positions = self.positions + 1
-        with self.context(), torch.inference_mode():
+        with self.context(), self._autograd():
             out = self.model(
                 input_ids=tokens[:, None],
                 attention_mask=self.attention_mask,
