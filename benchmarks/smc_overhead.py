@@ -48,6 +48,7 @@ GOAL_DECODING = 1.05  # generate(custom_generate=smc_decoding) / generate
 
 
 def build_model(args):
+    """(model, tokenizer): --model's, pretrained or random-init; else a random one, no tokenizer."""
     if args.model and args.random_init:  # the architecture and tokenizer, not the weights
         from transformers import AutoConfig, AutoTokenizer
 
@@ -98,6 +99,7 @@ def build_prompt(args, tok, g):
 
 
 def build_potential(kind, args, vocab, g):
+    """The SMC twist: a random TokenMask (mask) or a soft ConceptCoverage (text)."""
     if kind == "mask":
         banned = torch.randperm(vocab, generator=g)[: int(args.banned_frac * vocab)]
         return TokenMask(banned=banned.tolist())
@@ -109,6 +111,7 @@ def build_potential(kind, args, vocab, g):
 
 
 def timed(fn, device):
+    """(seconds, result) of fn(), synchronized on cuda."""
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -118,105 +121,91 @@ def timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def machine_info(args):
-    return report.machine_info(args.device, args.dtype)
+SAMPLING = dict(  # plain ancestral sampling: the whole distribution, no EOS
+    do_sample=True, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0, eos_token_id=None
+)
+ORDER = ["gen", "smc", "dec"]
 
 
-def bench(model, tok, args, n, ids, mask, potential):
-    B, P = ids.shape
+def make_runs(model, tok, args, n, ids, mask, potential):
+    """The three timed calls, each taking a seed: generate, smc_generate, the drop-in."""
     T = args.new_tokens
+    prompt = dict(input_ids=ids, attention_mask=mask)
+    knobs = dict(potential=potential, twist="prefix", num_particles=n, max_new_tokens=T)
+    knobs.update(ess_threshold=args.ess_threshold)
+    decoding = functools.partial(llmsample.smc_decoding, tokenizer=tok)
 
-    def gen():
+    def gen(seed):  # the seed is unused: the caller's torch.manual_seed seeds it
         with torch.inference_mode():
             return model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                num_return_sequences=n,
-                max_new_tokens=T,
-                min_new_tokens=T,
-                top_k=0,
-                top_p=1.0,
-                temperature=1.0,
-                pad_token_id=0,
-                eos_token_id=None,
+                **prompt, **SAMPLING, num_return_sequences=n, max_new_tokens=T, min_new_tokens=T
             )
 
     def smc(seed):
         return llmsample.smc_generate(
-            model,
-            tok,
-            input_ids=ids,
-            attention_mask=mask,
-            potential=potential,
-            twist="prefix",
-            num_particles=n,
-            max_new_tokens=T,
-            eos_token_id=[],
-            pad_token_id=0,
-            ess_threshold=args.ess_threshold,
-            seed=seed,
+            model, tok, **prompt, **knobs, eos_token_id=[], pad_token_id=0, seed=seed
         )
-
-    decoding = functools.partial(llmsample.smc_decoding, tokenizer=tok)
 
     def dec(seed):  # the drop-in: generate's own entry, SMC inside
         with torch.inference_mode():
             return model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                **prompt,
+                **SAMPLING,
+                **knobs,
                 custom_generate=decoding,
-                potential=potential,
-                twist="prefix",
-                num_particles=n,
                 num_return_sequences=n,
-                do_sample=True,
-                top_k=0,
-                top_p=1.0,
-                temperature=1.0,
-                max_new_tokens=T,
-                pad_token_id=0,
-                eos_token_id=None,
-                ess_threshold=args.ess_threshold,
                 seed=seed,
             )
 
-    timed(gen, args.device), timed(lambda: smc(0), args.device), timed(lambda: dec(0), args.device)
-    t_gen, t_smc, t_dec, resampled = [], [], [], []
-    for r in range(args.repeats):  # interleaved; who goes first rotates
-        for which in ["gen", "smc", "dec"][r % 3 :] + ["gen", "smc", "dec"][: r % 3]:
+    return dict(gen=gen, smc=smc, dec=dec)
+
+
+def run_interleaved(runs, args, n, shape):
+    """Time args.repeats rounds of the runs, who goes first rotating; check every shape."""
+    B, P, T = shape
+    times = {which: [] for which in ORDER}
+    resampled, last = [], None
+    for r in range(args.repeats):
+        for which in ORDER[r % 3 :] + ORDER[: r % 3]:
             torch.manual_seed(args.seed + r)
-            if which == "gen":
-                dt, seq = timed(gen, args.device)
-                assert seq.shape == (B * n, P + T), seq.shape
-                t_gen.append(dt)
-            elif which == "dec":
-                dt, seq = timed(lambda s=args.seed + r: dec(s), args.device)
-                assert seq.shape == (B * n, P + T), seq.shape
-                t_dec.append(dt)
-            else:
-                dt, out = timed(lambda s=args.seed + r: smc(s), args.device)
+            dt, out = timed(functools.partial(runs[which], args.seed + r), args.device)
+            times[which].append(dt)
+            if which == "smc":
                 assert out.sequences.shape == (B, n, P + T), out.sequences.shape
-                t_smc.append(dt)
                 resampled.append(int(out.resampled.sum()))
+                last = out
+            else:
+                assert out.shape == (B * n, P + T), out.shape
+    return times, resampled, last
+
+
+def pair_ratio(base, other):
+    """The median ratio of runs made in the same round."""
+    return statistics.median(b / a for a, b in zip(base, other))
+
+
+def summarize(n, shape, times, resampled, smc_out):
+    """One result row: medians, ratios, throughputs and the raw times."""
+    B, P, T = shape
+    t_gen, t_smc, t_dec = times["gen"], times["smc"], times["dec"]
     g, s, d = statistics.median(t_gen), statistics.median(t_smc), statistics.median(t_dec)
     return dict(
         particles=n,
         gen_s=g,
         smc_s=s,
         ratio=s / g,
-        pair_ratio=statistics.median(b / a for a, b in zip(t_gen, t_smc)),
+        pair_ratio=pair_ratio(t_gen, t_smc),
         min_ratio=min(t_smc) / min(t_gen),
         gen_tok_s=B * n * T / g,
         smc_tok_s=B * n * T / s,
         gen_forward_tokens=B * n * (P + T - 1),
-        smc_forward_tokens=out.num_forward_tokens,
+        smc_forward_tokens=smc_out.num_forward_tokens,
         resampling_steps=statistics.median(resampled),
         steps=T,
         goal_met=s / g <= GOAL,
         decoding_s=d,
         decoding_ratio=d / g,
-        decoding_pair_ratio=statistics.median(b / a for a, b in zip(t_gen, t_dec)),
+        decoding_pair_ratio=pair_ratio(t_gen, t_dec),
         decoding_goal_met=d / g <= GOAL_DECODING,
         gen_times=t_gen,
         smc_times=t_smc,
@@ -225,7 +214,18 @@ def bench(model, tok, args, n, ids, mask, potential):
     )
 
 
+def bench(model, tok, args, n, ids, mask, potential):
+    """Warm up, then time generate, smc_generate and the drop-in at N = n particles."""
+    shape = (*ids.shape, args.new_tokens)
+    runs = make_runs(model, tok, args, n, ids, mask, potential)
+    for which in ORDER:  # warm-up
+        timed(functools.partial(runs[which], 0), args.device)
+    times, resampled, smc_out = run_interleaved(runs, args, n, shape)
+    return summarize(n, shape, times, resampled, smc_out)
+
+
 def markdown(res, info, args, command):
+    """Replace this run's section of args.markdown with its table."""
     model = args.model or f"{args.arch} {args.layers}x{args.hidden}"
     P = info["prompt_tokens"]
     name = "random" if not args.model else Path(args.model).name + "-arch" * args.random_init
@@ -271,7 +271,8 @@ def markdown(res, info, args, command):
     report.write_section(args.markdown, key, lines[1:])
 
 
-def main():
+def build_parser():
+    """The command-line flags."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="a real model: load_model name or folder")
     p.add_argument(
@@ -306,60 +307,80 @@ def main():
         "(benchmarks/smc_vllm.py; needs the vLLM environment and --model)",
     )
     p.add_argument("--block", type=int, default=8, help="--backend vllm: K tokens per block")
+    return p
+
+
+def parse_args():
+    """The flags, checked; --backend vllm's default --out is its own file."""
+    p = build_parser()
     args = p.parse_args()
     if "text" in args.potential and not args.model:
         p.error("--potential text decodes text: it needs --model (a model with a tokenizer)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.backend == "vllm":
-        import smc_vllm  # benchmarks/smc_vllm.py, next to this script
+    if args.backend == "vllm" and args.out == p.get_default("out"):
+        args.out = "benchmarks/results/smc_vllm.json"
+    return args
 
-        if args.out == p.get_default("out"):
-            args.out = "benchmarks/results/smc_vllm.json"
-        command = " ".join(["python benchmarks/smc_overhead.py", *sys.argv[1:]])
-        smc_vllm.run(args, command)
-        return
-    command = " ".join(["python benchmarks/smc_overhead.py", *sys.argv[1:]])
 
-    info = machine_info(args)
+def print_row(kind, n, r):
+    """One result row on stdout."""
+    print(
+        f"{kind:5s} N={n:4d}  generate {r['gen_s']:.3f}s ({r['gen_tok_s']:.0f} tok/s)  "
+        f"smc {r['smc_s']:.3f}s ({r['smc_tok_s']:.0f} tok/s)  smc/gen {r['ratio']:.2f} "
+        f"(pairs {r['pair_ratio']:.2f}, mins {r['min_ratio']:.2f})  "
+        f"fwd tokens {r['gen_forward_tokens']}/{r['smc_forward_tokens']}  "
+        f"resampled {r['resampling_steps']:g}/{r['steps'] - 1}"
+        f"  goal <= {GOAL}: {'met' if r['goal_met'] else 'NOT met'}"
+        f"  | custom_generate {r['decoding_s']:.3f}s, /gen {r['decoding_ratio']:.2f} "
+        f"(pairs {r['decoding_pair_ratio']:.2f}), goal <= {GOAL_DECODING}: "
+        f"{'met' if r['decoding_goal_met'] else 'NOT met'}",
+        flush=True,
+    )
+
+
+def run_hf(args, info):
+    """Every (potential, N) row on the HF backend; records the prompt and vocab in info."""
     model, tok = build_model(args)
     g = torch.Generator().manual_seed(args.seed)
     ids, mask = build_prompt(args, tok, g)
     info.update(prompt_tokens=ids.shape[1], vocab=vocab_size(model))
-
     res = []
     for kind, n in [(k, n) for k in args.potential for n in args.particles]:
         potential = build_potential(kind, args, vocab_size(model), g)
         r = dict(potential=kind, **bench(model, tok, args, n, ids, mask, potential))
         res.append(r)
-        print(
-            f"{kind:5s} N={n:4d}  generate {r['gen_s']:.3f}s ({r['gen_tok_s']:.0f} tok/s)  "
-            f"smc {r['smc_s']:.3f}s ({r['smc_tok_s']:.0f} tok/s)  smc/gen {r['ratio']:.2f} "
-            f"(pairs {r['pair_ratio']:.2f}, mins {r['min_ratio']:.2f})  "
-            f"fwd tokens {r['gen_forward_tokens']}/{r['smc_forward_tokens']}  "
-            f"resampled {r['resampling_steps']:g}/{r['steps'] - 1}"
-            f"  goal <= {GOAL}: {'met' if r['goal_met'] else 'NOT met'}"
-            f"  | custom_generate {r['decoding_s']:.3f}s, /gen {r['decoding_ratio']:.2f} "
-            f"(pairs {r['decoding_pair_ratio']:.2f}), goal <= {GOAL_DECODING}: "
-            f"{'met' if r['decoding_goal_met'] else 'NOT met'}",
-            flush=True,
-        )
-    info["loadavg_end"] = list(os.getloadavg())
+        print_row(kind, n, r)
+    return res
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            dict(
-                benchmark="smc_overhead",
-                command=command,
-                goal=GOAL,
-                machine=info,
-                config=vars(args),
-                results=res,
-            ),
-            indent=2,
-        )
+
+def write_json(args, command, info, res):
+    """The results, machine and config as JSON at args.out."""
+    body = dict(
+        benchmark="smc_overhead",
+        command=command,
+        goal=GOAL,
+        machine=info,
+        config=vars(args),
+        results=res,
     )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(body, indent=2))
+
+
+def main():
+    """Run the benchmark on the chosen backend; write the JSON and the markdown section."""
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = " ".join(["python benchmarks/smc_overhead.py", *sys.argv[1:]])
+    if args.backend == "vllm":
+        import smc_vllm  # benchmarks/smc_vllm.py, next to this script
+
+        smc_vllm.run(args, command)
+        return
+    info = report.machine_info(args.device, args.dtype)
+    res = run_hf(args, info)
+    info["loadavg_end"] = list(os.getloadavg())
+    write_json(args, command, info, res)
     markdown(res, info, args, command)
     print(f"wrote {args.out} and {args.markdown}")
 

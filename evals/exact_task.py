@@ -118,62 +118,20 @@ def _bounds(model, tok, phi, targets, policy, quick: bool) -> list[dict]:
 
 
 def run_exact(out_dir: Path, seeds=(0, 1, 2), quick: bool = False, command: str = "") -> dict:
+    """Run every (method, N) cell and the bounds; writes ``summary.json`` and ``results.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tok = toy_model("gpt2"), toy_tokenizer()
     phi = Reward(_soft, _soft)
     targets = [enumerate_target(model, tok, p, phi, T, TOY_EOS) for p in PROMPTS]
     sizes = [64] if quick else [64, 256, 1024]
     seeds = seeds[:1] if quick else seeds
-    grid = [("ancestral", n, dict(reweight=False)) for n in sizes]
-    grid += [("importance", n, dict(ess_threshold=0.0)) for n in sizes]
-    grid += [("smc", n, {}) for n in sizes]
-    grid += [("smc-twist", n, dict(twist="prefix")) for n in sizes]
     policy = _train_policy(model, tok, phi, out_dir, quick)
     policy_q = [enumerate_target(policy, tok, p, None, T, TOY_EOS).log_p for p in PROMPTS]
-    grid += [("gfn", n, dict(reweight=False, policy=True)) for n in sizes]
-    grid += [("gfn-is", n, dict(proposal=policy, ess_threshold=0.0)) for n in sizes]
     flow = FlowTwist(policy, model, phi, TOY_EOS)
-    grid += [("gfn-flow", n, dict(proposal=policy, twist=flow)) for n in sizes]
     rows = []
-    for name, n, extra in grid:
-        cell = dict(method=name, knob=f"N={n}", tv=[], floor=[], log_z_err=[], log_z=[])
-        for seed in seeds:
-            kw = dict(potential=phi, num_particles=n, max_new_tokens=T, seed=seed)
-            if extra.get("reweight") is False:
-                sampler = policy if extra.get("policy") else model
-                out = llmsample.ancestral_generate(
-                    sampler, tok, PROMPTS, num_samples=n, potential=phi, max_new_tokens=T, seed=seed
-                )
-            else:
-                out = llmsample.smc_generate(model, tok, PROMPTS, **kw, **extra)
-            for b, target in enumerate(targets):
-                lw = out.log_weights[b]
-                ess = int(llmsample.smc.resampling.ess(lw))
-                cell["tv"].append(target.tv(_samples(out, b), lw))
-                cell["floor"].append(target.tv_noise_floor(max(ess, 1), q=0.99))
-                if out.log_z is not None:
-                    cell["log_z"].append(float(out.log_z[b]))
-                    cell["log_z_err"].append(float(out.log_z[b]) - target.log_z)
-        row = dict(
-            method=name,
-            knob=cell["knob"],
-            tv=statistics.fmean(cell["tv"]),
-            tv_noise_floor=statistics.fmean(cell["floor"]),
-            within_floor=sum(t <= f for t, f in zip(cell["tv"], cell["floor"])),
-            runs=len(cell["tv"]),
-        )
-        if cell["log_z"]:
-            row["log_z_err_mean"] = statistics.fmean(cell["log_z_err"])
-            row["log_z_err_std"] = statistics.pstdev(cell["log_z_err"])
-        if name in ("ancestral", "gfn"):  # q is tractable: exact KLs to sigma
-            qs = [t.log_p for t in targets] if name == "ancestral" else policy_q
-            row["kl_q_sigma"] = statistics.fmean(
-                float(kl_q_sigma(q, t)) for q, t in zip(qs, targets)
-            )
-            row["kl_sigma_q"] = statistics.fmean(
-                float(kl_sigma_q(q, t)) for q, t in zip(qs, targets)
-            )
-        rows.append(row)
+    for name, n, extra in _grid(sizes, policy, flow):
+        cell = _run_cell(model, tok, phi, targets, policy, n, extra, seeds)
+        rows.append(_row(name, f"N={n}", cell, targets, policy_q))
     bounds = _bounds(model, tok, phi, targets, policy, quick)
     meta = dict(
         task="exact",
@@ -189,6 +147,63 @@ def run_exact(out_dir: Path, seeds=(0, 1, 2), quick: bool = False, command: str 
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "results.md").write_text(_markdown(summary))
     return summary
+
+
+def _grid(sizes: list[int], policy, flow) -> list[tuple[str, int, dict]]:
+    """(method, N, sampler settings) of every cell, in the report's order."""
+    grid = [("ancestral", n, dict(reweight=False)) for n in sizes]
+    grid += [("importance", n, dict(ess_threshold=0.0)) for n in sizes]
+    grid += [("smc", n, {}) for n in sizes]
+    grid += [("smc-twist", n, dict(twist="prefix")) for n in sizes]
+    grid += [("gfn", n, dict(reweight=False, policy=True)) for n in sizes]
+    grid += [("gfn-is", n, dict(proposal=policy, ess_threshold=0.0)) for n in sizes]
+    grid += [("gfn-flow", n, dict(proposal=policy, twist=flow)) for n in sizes]
+    return grid
+
+
+def _run_cell(model, tok, phi, targets, policy, n: int, extra: dict, seeds) -> dict:
+    """One run per seed of a cell: per run and prompt the TV to sigma, its noise floor at
+    the final ESS and, where the sampler estimates it, log Z_hat and its error."""
+    cell = dict(tv=[], floor=[], log_z_err=[], log_z=[])
+    for seed in seeds:
+        if extra.get("reweight") is False:  # unweighted draws from p or the policy
+            sampler = policy if extra.get("policy") else model
+            out = llmsample.ancestral_generate(
+                sampler, tok, PROMPTS, num_samples=n, potential=phi, max_new_tokens=T, seed=seed
+            )
+        else:
+            kw = dict(potential=phi, num_particles=n, max_new_tokens=T, seed=seed)
+            out = llmsample.smc_generate(model, tok, PROMPTS, **kw, **extra)
+        for b, target in enumerate(targets):
+            lw = out.log_weights[b]
+            ess = int(llmsample.smc.resampling.ess(lw))
+            cell["tv"].append(target.tv(_samples(out, b), lw))
+            cell["floor"].append(target.tv_noise_floor(max(ess, 1), q=0.99))
+            if out.log_z is not None:
+                cell["log_z"].append(float(out.log_z[b]))
+                cell["log_z_err"].append(float(out.log_z[b]) - target.log_z)
+    return cell
+
+
+def _row(name: str, knob: str, cell: dict, targets, policy_q) -> dict:
+    """A cell's row of the report: its means over runs and, where q is tractable, the
+    exact KLs between q and sigma."""
+    row = dict(
+        method=name,
+        knob=knob,
+        tv=statistics.fmean(cell["tv"]),
+        tv_noise_floor=statistics.fmean(cell["floor"]),
+        within_floor=sum(t <= f for t, f in zip(cell["tv"], cell["floor"])),
+        runs=len(cell["tv"]),
+    )
+    if cell["log_z"]:
+        row["log_z_err_mean"] = statistics.fmean(cell["log_z_err"])
+        row["log_z_err_std"] = statistics.pstdev(cell["log_z_err"])
+    if name in ("ancestral", "gfn"):  # q is tractable: exact KLs to sigma
+        qs = [t.log_p for t in targets] if name == "ancestral" else policy_q
+        row["kl_q_sigma"] = statistics.fmean(float(kl_q_sigma(q, t)) for q, t in zip(qs, targets))
+        row["kl_sigma_q"] = statistics.fmean(float(kl_sigma_q(q, t)) for q, t in zip(qs, targets))
+    return row
 
 
 def _markdown(summary: dict) -> str:

@@ -63,15 +63,7 @@ def run_task(
     ``only`` (method names, e.g. ``["smc", "beam"]``) runs just those methods' cells; the
     report still covers every finished cell, so several processes can share the grid."""
     task = build_task(task_name, num_prompts=num_prompts)
-    grid = methods(task_name, quick=quick, samples=samples)
-    if only:
-        unknown = set(only) - {m.name for m in grid}
-        if unknown:
-            raise SystemExit(
-                f"--methods: unknown {sorted(unknown)}; the grid has "
-                f"{sorted({m.name for m in grid})}"
-            )
-        grid = [m for m in grid if m.name in only]
+    grid = _select(methods(task_name, quick=quick, samples=samples), only)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     todo = [(m, s) for m in grid for s in seeds if not _cell_path(out, m.key, s).exists()]
     model, tok = llmsample.load_model(model_name) if todo else (None, None)
@@ -81,38 +73,9 @@ def run_task(
         lines = []
         for start in range(0, len(task.examples), batch):
             examples = task.examples[start : start + batch]
-            t0 = time.perf_counter()
-            output = method.run(model, tok, task, examples, seed)
-            seconds = time.perf_counter() - t0
-            texts, index, failed = draws(output, samples, seed)
-            fluency = [None] * len(examples)
-            if task.chat:  # per draw: (sum log p, tokens) under the base model
-                flat = [(ex.prompt, t) for ex, ts in zip(examples, texts) for t in ts]
-                scores = score_texts(model, tok, *map(list, zip(*flat)), chat=True)
-                ends = torch.tensor([len(ts) for ts in texts]).cumsum(0).tolist()
-                fluency = [scores[e - len(ts) : e] for ts, e in zip(texts, ends)]
-            for b, ex in enumerate(examples):
-                lines.append(
-                    _record(
-                        task,
-                        method,
-                        seed,
-                        start + b,
-                        ex,
-                        output,
-                        b,
-                        texts[b],
-                        index[b],
-                        failed[b],
-                        seconds / len(examples),
-                        fluency[b],
-                    )
-                )
+            lines += _run_batch(model, tok, task, method, seed, samples, examples, start)
             bar.update(len(examples))
-        path = _cell_path(out, method.key, seed)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        os.replace(tmp, path)  # a cell is either complete on disk or absent
+        _write_cell(_cell_path(out, method.key, seed), lines)
     bar.close()
     meta = dict(
         task=task_name,
@@ -126,6 +89,60 @@ def run_task(
         provenance=provenance(command),  # the commit that wrote this report
     )
     return report.write_report(out, meta)
+
+
+def _select(grid: list, only: list[str] | None) -> list:
+    """The grid's methods named in ``only`` (all without it); an unknown name exits."""
+    if not only:
+        return grid
+    unknown = set(only) - {m.name for m in grid}
+    if unknown:
+        raise SystemExit(
+            f"--methods: unknown {sorted(unknown)}; the grid has {sorted({m.name for m in grid})}"
+        )
+    return [m for m in grid if m.name in only]
+
+
+def _run_batch(model, tok, task, method, seed: int, samples: int, examples, first: int) -> list:
+    """One batch of prompts (``first`` the index of its first) through the method: a record
+    per prompt, with the batch's time shared out equally."""
+    t0 = time.perf_counter()
+    output = method.run(model, tok, task, examples, seed)
+    seconds = time.perf_counter() - t0
+    texts, index, failed = draws(output, samples, seed)
+    fluency = _fluency(model, tok, examples, texts) if task.chat else [None] * len(examples)
+    return [
+        _record(
+            task,
+            method,
+            seed,
+            first + b,
+            ex,
+            output,
+            b,
+            texts[b],
+            index[b],
+            failed[b],
+            seconds / len(examples),
+            fluency[b],
+        )
+        for b, ex in enumerate(examples)
+    ]
+
+
+def _fluency(model, tok, examples, texts: list[list[str]]) -> list[list[tuple]]:
+    """Per prompt and draw: (sum log p, tokens) of the draw under the base model (chat)."""
+    flat = [(ex.prompt, t) for ex, ts in zip(examples, texts) for t in ts]
+    scores = score_texts(model, tok, *map(list, zip(*flat)), chat=True)
+    ends = torch.tensor([len(ts) for ts in texts]).cumsum(0).tolist()
+    return [scores[e - len(ts) : e] for ts, e in zip(texts, ends)]
+
+
+def _write_cell(path: Path, lines: list[dict]) -> None:
+    """The cell's records as JSON lines, atomically: complete on disk or absent."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, path)
 
 
 def _commands(out: Path, command: str) -> list[str]:

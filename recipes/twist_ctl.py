@@ -253,7 +253,7 @@ def tv_check(model, tok, prompts, potential, twist, proposal, targets, N, T, see
     """TV(weighted particles, sigma) of one run per seed, against the 99% TV of floor(ESS)
     exact iid draws. That floor is exact for iid weighted draws (no resampling) but too
     tight after resampling (descendants of one ancestor are not independent), so SMC
-    runs are also compared with the exact twist's runs (see ``main``)."""
+    runs are also compared with the exact twist's runs (see ``_smc_checks``)."""
     rows, mean_dist = [], [torch.zeros(len(t.sequences), dtype=torch.float64) for t in targets]
     for seed in range(seeds):
         out = smc_generate(
@@ -299,49 +299,47 @@ def tv_check(model, tok, prompts, potential, twist, proposal, targets, N, T, see
     )
 
 
+def _command() -> str:
+    """The command line that ran this script, as one shell string."""
+    return shlex.join(["python", *sys.argv])
+
+
 def _machine() -> dict:
     """``machine`` and ``provenance`` (the commit and command behind the file) entries."""
-    prov = provenance(shlex.join(["python", *sys.argv]))
+    prov = provenance(_command())
     return dict(machine={k: prov[k] for k in ("cpu", "torch", "threads")}, provenance=prov)
 
 
-def main(cfg: TwistCTLRecipeConfig) -> dict:
-    """Train and evaluate; returns the summary (also written to ``<out_dir>/summary.json``).
-    Raises :class:`llmsample.train.checkpoints.ResumeConflict` before any work if ``out_dir``
-    holds a checkpoint of a run with other settings."""
-    out = Path(cfg.out_dir)
+def _header(cfg: TwistCTLRecipeConfig) -> dict:
+    """The summary's first entries: the task, the command that ran and the config."""
+    return dict(task=cfg.task, command=_command(), config=dataclasses.asdict(cfg))
+
+
+def _ctl_fields(cfg: TwistCTLRecipeConfig) -> dict:
+    """The settings of ``cfg`` that :class:`CTLConfig` (the trainer's config) has."""
+    names = {f.name for f in dataclasses.fields(CTLConfig)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
+
+
+def _prepare(out: Path, cfg: TwistCTLRecipeConfig) -> None:
+    """Refuse a conflicting resume, clear ``--overwrite``'s outputs and set the threads."""
     check_resume(out, cfg)  # refuse early, before the targets or problems are built
     if cfg.overwrite:  # the trainer deletes the checkpoints and metrics.jsonl
         for name in ("summary.json", "twist_head.pt", "problems.json"):
             (out / name).unlink(missing_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    start = time.time()
-    torch.manual_seed(cfg.seed)
-    ctl_fields = {f.name for f in dataclasses.fields(CTLConfig)}
-    if cfg.task == "line-infill":
-        from twist_ctl_infill import run_infill
 
-        fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in ctl_fields}
-        summary = dict(
-            task=cfg.task, command=shlex.join(["python", *sys.argv]), config=dataclasses.asdict(cfg)
-        )
-        summary |= run_infill(cfg, fields)
-        summary |= dict(wall_s=round(time.time() - start, 1), **_machine())
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-    model, tok, prompts, potential, T = exact_task()
-    targets = [enumerate_target(model, tok, p, potential, T, TOY_EOS) for p in prompts]
-    prompt_ids = [encode_prompts(tok, [p]).input_ids[0].tolist() for p in prompts]
+
+def _make_head(cfg: TwistCTLRecipeConfig, model) -> TwistHead:
+    """The head to train: scoring through the LM's output embeddings (tied) or its own."""
     if cfg.tied_head:
-        head = TwistHead.tied(model, width=cfg.head_width)
-    else:
-        head = TwistHead(model.config.hidden_size, vocab_size(model), width=cfg.head_width)
-    train_cfg = CTLConfig(
-        **{k: v for k, v in dataclasses.asdict(cfg).items() if k in ctl_fields}
-        | dict(max_new_tokens=T)
-    )
+        return TwistHead.tied(model, width=cfg.head_width)
+    return TwistHead(model.config.hidden_size, vocab_size(model), width=cfg.head_width)
+
+
+def _evaluator(model, prompt_ids: list[list[int]], targets: list[ExactTarget], T: int):
+    """The trainer's ``evaluate(head, step)``: :func:`twist_error` per prompt and the means."""
 
     def evaluate(h, step) -> dict:
         was = h.training
@@ -351,19 +349,79 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
             for k, v in twist_error(model, h, ids, target, T).items():
                 res[f"{k}/{i}"] = v
         for k in ("twist_mae", "twist_mae_centered", "ctl_kl"):
-            res[k] = sum(res[f"{k}/{i}"] for i in range(len(prompts))) / len(prompts)
+            res[k] = sum(res[f"{k}/{i}"] for i in range(len(targets))) / len(targets)
         h.train(was)
         return res
 
+    return evaluate
+
+
+def _base_and_trained(log: Path) -> dict:
+    """``base`` and ``trained``: the first and last evaluation of the log, each with its step."""
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    evals = [e for e in events if e.get("event") == "eval"]
+    if not evals:
+        return {}
+    return dict(
+        base={k: v for k, v in evals[0].items() if "/" not in k},
+        trained={k: v for k, v in evals[-1].items() if "/" not in k},
+    )
+
+
+def _samplers(exact: ExactTwist, learned: LearnedTwist) -> tuple:
+    """(name, twist, proposal) of each SMC sampler the checks compare."""
+    return (
+        ("none", "none", None),
+        ("exact", exact, None),
+        ("exact_optimal", exact, "optimal"),  # exact iid draws from sigma
+        ("learned", learned, None),
+        ("learned_optimal", learned, "optimal"),
+    )
+
+
+def _smc_checks(cfg: TwistCTLRecipeConfig, smc: tuple, head, targets, T: int) -> tuple[dict, dict]:
+    """Var(log Z_hat) and TV to sigma of each sampler (``smc``: model, tok, prompts,
+    potential); returns the summary's entries and their timings."""
+    t0 = time.time()
+    head.eval()
+    model, _, _, potential = smc
+    learned = LearnedTwist(model, head, potential)
+    samplers = _samplers(ExactTwist(targets), learned)
+    spread_args = (targets, cfg.eval_particles, cfg.eval_seeds, T)
+    spread = {n: log_z_spread(*smc, tw, q, *spread_args) for n, tw, q in samplers}
+    timings = dict(log_z_spread_s=round(time.time() - t0, 1))
+    t0 = time.time()
+    tv = {}
+    if cfg.tv_particles:
+        tv_args = (targets, cfg.tv_particles, T, cfg.tv_seeds)
+        for name, twist, proposal in samplers:
+            tv[name] = tv_check(*smc, twist, proposal, *tv_args)
+        # after resampling the floor(ESS) floor is too tight (it fails the exact twist too):
+        # compare with the exact twist, a correct sampler of the same kind at the same N
+        tv["learned_vs_exact_twist_mean_tv"] = tv["learned"]["mean_tv"] / tv["exact"]["mean_tv"]
+    checks = dict(
+        log_z_spread=spread,
+        var_ratio_learned_vs_none=spread["learned"]["mean_var_log_z"]
+        / spread["none"]["mean_var_log_z"],
+        tv=tv,
+    )
+    return checks, timings | dict(tv_s=round(time.time() - t0, 1))
+
+
+def _run_exact(cfg: TwistCTLRecipeConfig, out: Path, start: float) -> dict:
+    """Task ``exact``: train the head, then the SMC checks (skipped if stopped by a signal)."""
+    model, tok, prompts, potential, T = exact_task()
+    targets = [enumerate_target(model, tok, p, potential, T, TOY_EOS) for p in prompts]
+    prompt_ids = [encode_prompts(tok, [p]).input_ids[0].tolist() for p in prompts]
+    head = _make_head(cfg, model)
+    train_cfg = CTLConfig(**_ctl_fields(cfg) | dict(max_new_tokens=T))
+    evaluate = _evaluator(model, prompt_ids, targets, T)
     t0 = time.time()
     result = train_ctl(
         model, tok, prompts, potential, head, train_cfg, evaluate=evaluate, run_config=cfg
     )
     timings = dict(train_s=round(time.time() - t0, 1))
-    summary = dict(
-        task=cfg.task,
-        command=shlex.join(["python", *sys.argv]),
-        config=dataclasses.asdict(cfg),
+    summary = _header(cfg) | dict(
         num_sequences=len(targets[0].sequences),
         exact_log_z=[t.log_z for t in targets],
         # final: the step reached, finished, stopped_by and the last evaluation's
@@ -371,59 +429,30 @@ def main(cfg: TwistCTLRecipeConfig) -> dict:
         final=result,
         stopped_by_signal=signal_stop(result["stopped_by"], result["step"]),
     )
-    log = out / "metrics.jsonl"
-    events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    evals = [e for e in events if e.get("event") == "eval"]
-    if evals:  # each with its "step"
-        summary["base"] = {k: v for k, v in evals[0].items() if "/" not in k}
-        summary["trained"] = {k: v for k, v in evals[-1].items() if "/" not in k}
-    if result["stopped_by"] in ("SIGINT", "SIGTERM"):  # asked to stop: skip the checks
-        summary |= dict(wall_s=round(time.time() - start, 1), timings=timings, **_machine())
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-    t0 = time.time()
-    head.eval()
-    learned = LearnedTwist(model, head, potential)
-    spread_args = (targets, cfg.eval_particles, cfg.eval_seeds, T)
-    exact = ExactTwist(targets)
-    spread = {
-        "none": log_z_spread(model, tok, prompts, potential, "none", None, *spread_args),
-        "exact": log_z_spread(model, tok, prompts, potential, exact, None, *spread_args),
-        "exact_optimal": log_z_spread(
-            model, tok, prompts, potential, exact, "optimal", *spread_args
-        ),
-        "learned": log_z_spread(model, tok, prompts, potential, learned, None, *spread_args),
-        "learned_optimal": log_z_spread(
-            model, tok, prompts, potential, learned, "optimal", *spread_args
-        ),
-    }
-    timings["log_z_spread_s"] = round(time.time() - t0, 1)
-    t0 = time.time()
-    tv = {}
-    if cfg.tv_particles:
-        tv_args = (targets, cfg.tv_particles, T, cfg.tv_seeds)
-        for name, twist, proposal in (
-            ("none", "none", None),
-            ("exact", exact, None),
-            ("exact_optimal", exact, "optimal"),  # exact iid draws from sigma
-            ("learned", learned, None),
-            ("learned_optimal", learned, "optimal"),
-        ):
-            tv[name] = tv_check(model, tok, prompts, potential, twist, proposal, *tv_args)
-        # after resampling the floor(ESS) floor is too tight (it fails the exact twist too):
-        # compare with the exact twist, a correct sampler of the same kind at the same N
-        tv["learned_vs_exact_twist_mean_tv"] = tv["learned"]["mean_tv"] / tv["exact"]["mean_tv"]
-    summary |= dict(
-        checks_step=result["step"],  # the head of log_z_spread and tv
-        log_z_spread=spread,
-        var_ratio_learned_vs_none=spread["learned"]["mean_var_log_z"]
-        / spread["none"]["mean_var_log_z"],
-        tv=tv,
-        wall_s=round(time.time() - start, 1),
-        timings=timings | dict(tv_s=round(time.time() - t0, 1)),
-        **_machine(),
-    )
+    summary |= _base_and_trained(out / "metrics.jsonl")
+    if result["stopped_by"] not in ("SIGINT", "SIGTERM"):  # no checks once asked to stop
+        checks, check_timings = _smc_checks(cfg, (model, tok, prompts, potential), head, targets, T)
+        summary |= dict(checks_step=result["step"], **checks)  # the head of log_z_spread and tv
+        timings |= check_timings
+    return summary | dict(wall_s=round(time.time() - start, 1), timings=timings, **_machine())
+
+
+def main(cfg: TwistCTLRecipeConfig) -> dict:
+    """Train and evaluate; returns the summary (also written to ``<out_dir>/summary.json``).
+    Raises :class:`llmsample.train.checkpoints.ResumeConflict` before any work if ``out_dir``
+    holds a checkpoint of a run with other settings."""
+    out = Path(cfg.out_dir)
+    _prepare(out, cfg)
+    start = time.time()
+    torch.manual_seed(cfg.seed)
+    if cfg.task == "line-infill":
+        from twist_ctl_infill import run_infill
+
+        summary = _header(cfg)
+        summary |= run_infill(cfg, _ctl_fields(cfg))
+        summary |= dict(wall_s=round(time.time() - start, 1), **_machine())
+    else:
+        summary = _run_exact(cfg, out, start)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
