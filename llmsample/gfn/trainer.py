@@ -257,22 +257,27 @@ class GFNTrainer(Trainer):
             loss, lz = vargrad(log_q.view(B, -1), target.view(B, -1))
             stats = dict(log_z=float(lz.mean()))
         else:
-            T = ro.tokens.shape[1]
-            n = (ro.lengths - ro.stopped.long()).to(device)
-            pos = torch.arange(T, device=device)
-            q_tok = torch.where(pos[None, :] < n[:, None], tf.token_logp, 0.0)  # [R, T]
-            q_stop = tf.stop_logp.clone()  # [R, T+1]
-            cut = (~ro.stopped).to(device) & (n == T)
-            q_stop[:, T] = torch.where(cut, 0.0, q_stop[:, T])
-            valid_d = valid.to(device)
-            q_stop = torch.where(valid_d, q_stop, 0.0)
-            r_stop = torch.where(valid_d, (stop_r / tau).to(device, torch.float32), 0.0)
-            loss = subtrajectory_balance(q_tok, q_stop, r_stop, valid_d, cfg.subtb_lambda)
-            u0 = prefix_flows(q_tok, q_stop, r_stop)[:, 0]
-            stats = dict(log_z=float(u0.detach().mean()))
+            loss, stats = self._subtb_loss(ro, tf, stop_r, valid, tau)
         stats["log_reward"] = float(log_r.mean())
         stats["log_q"] = float(log_q.detach().mean())
         return loss, stats, log_r
+
+    def _subtb_loss(self, ro: Rollouts, tf, stop_r: Tensor, valid: Tensor, tau: float):
+        """Modified SubTB over every prefix: the loss and the start flow log u_0 as log Z."""
+        device = self.acc.device
+        T = ro.tokens.shape[1]
+        n = (ro.lengths - ro.stopped.long()).to(device)
+        pos = torch.arange(T, device=device)
+        q_tok = torch.where(pos[None, :] < n[:, None], tf.token_logp, 0.0)  # [R, T]
+        q_stop = tf.stop_logp.clone()  # [R, T+1]
+        cut = (~ro.stopped).to(device) & (n == T)
+        q_stop[:, T] = torch.where(cut, 0.0, q_stop[:, T])
+        valid_d = valid.to(device)
+        q_stop = torch.where(valid_d, q_stop, 0.0)
+        r_stop = torch.where(valid_d, (stop_r / tau).to(device, torch.float32), 0.0)
+        loss = subtrajectory_balance(q_tok, q_stop, r_stop, valid_d, self.cfg.subtb_lambda)
+        u0 = prefix_flows(q_tok, q_stop, r_stop)[:, 0]
+        return loss, dict(log_z=float(u0.detach().mean()))
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
