@@ -13,7 +13,8 @@ import platform
 from pathlib import Path
 
 import torch
-import transformers
+
+from llmsample.provenance import machine
 
 __all__ = ["INTRO", "machine_info", "write_section"]
 
@@ -25,14 +26,10 @@ INTRO = (
 
 
 def machine_info(device: str = "cpu", dtype: str = "float32") -> dict:
-    return dict(
-        platform=platform.platform(),
+    """:func:`llmsample.provenance.machine` plus the benchmark's device and dtype, the GPU's
+    name and the load averages at the start (the caller adds ``loadavg_end``)."""
+    return machine() | dict(
         processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
         device=device,
         dtype=dtype,
         device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",

@@ -48,7 +48,7 @@ import torch
 import llmsample
 from evals.paths import ADAPTERS, TWISTS
 from llmsample.hf.prompts import encode_prompts, line_end_ids
-from llmsample.hf.session import score_continuations
+from llmsample.hf.session import teacher_force
 from llmsample.output import SamplingOutput
 from llmsample.proposals import LMProposal
 
@@ -244,7 +244,7 @@ def score_texts(model, tok, prompts: list[str], texts: list[str], chat: bool, ba
         mask = torch.zeros(len(rows), T, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-        logp = score_continuations(model, ctx.input_ids, ctx.attention_mask, ids, mask)
+        logp = teacher_force(model, ctx.input_ids, ctx.attention_mask, ids, mask).token_logp
         out += [(float(lp.sum()), len(r)) for lp, r in zip(logp.double(), rows)]
     return out
 

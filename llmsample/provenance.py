@@ -6,10 +6,12 @@ this, so a figure can be traced to the code that made it and rerun
 
     from llmsample.provenance import provenance
     summary["provenance"] = provenance("python recipes/gfn_lora.py --config ...")
+    summary["machine"] = machine() | {"device": "cpu"}   # benchmarks add their own keys
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from importlib.metadata import version
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["provenance", "git_commit", "NOT_CODE"]
+__all__ = ["provenance", "git_commit", "machine", "NOT_CODE"]
 
 _REPO = Path(__file__).resolve().parent.parent
 # edits here leave results unchanged (the trained adapters and twist heads beside
@@ -53,3 +55,31 @@ def provenance(command: str) -> dict:
         cpu=platform.processor() or platform.machine(),
         threads=torch.get_num_threads(),
     )
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """The machine and software a measurement ran on (benchmarks and recipes add their
+    device, dtype or accelerator settings): platform, python, cpu (model name), cpu_count,
+    torch_threads, torch and transformers versions, load averages over 1, 5, 15 min."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+    }

@@ -14,14 +14,13 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from llmsample.provenance import machine
 from llmsample.train.checkpoints import signal_stop
 
 __all__ = ["evaluate", "export_fp16", "machine_info", "final_metrics"]
@@ -87,30 +86,14 @@ def export_fp16(model, tokenizer, export_dir: Path, info: dict) -> dict:
 
 
 def machine_info(accelerator: Accelerator) -> dict:
+    """:func:`llmsample.provenance.machine` plus the accelerator's device, processes and
+    precision."""
     import accelerate
-    import transformers
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
-        "torch_threads": torch.get_num_threads(),
+    return machine() | {
         "device": str(accelerator.device),
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
     }
 

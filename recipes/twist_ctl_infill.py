@@ -84,29 +84,11 @@ def infill_problems(
     return out
 
 
-def run_infill(cfg, train_cfg_fields: dict) -> dict:
-    """Train the conditional head on synthetic problems; returns the summary."""
-    from llmsample.ctl.trainer import CTLConfig, train_ctl
-
-    model, tok = llmsample.load_model(cfg.model)
-    out = Path(cfg.out_dir)
-    train = infill_problems(
-        model, tok, cfg.num_problems, cfg.suffix_tokens, cfg.seed, False, out / "problems.json"
-    )
-    held = infill_problems(
-        model, tok, cfg.eval_problems, cfg.suffix_tokens, cfg.seed + 1, True, None
-    )
-    T, eos = train["T"], line_end_ids(tok)
-    H = model.config.hidden_size
-    if cfg.tied_head:
-        head = TwistHead.tied(model, width=cfg.head_width, cond_size=H)
-    else:
-        head = TwistHead(H, vocab_size(model), width=cfg.head_width, cond_size=H)
-    cond = text_features(model, tok, train["suffixes"])
-    held_cond = text_features(model, tok, held["suffixes"])
-    potentials = [SuffixLikelihood(model, tok, s) for s in train["suffixes"]]
+def _evaluator(cfg, model, tok, held: dict, T: int, eos):
+    """The held-out check: log Z of SMC with the head's twist on the held-out problems
+    (``cfg.eval_seeds`` runs): its mean (a lower bound on log Z), SE and variance."""
     held_pot = SuffixLikelihood(model, tok, held["suffixes"])
-    train_cfg = CTLConfig(**train_cfg_fields | dict(max_new_tokens=T))
+    held_cond = text_features(model, tok, held["suffixes"])
 
     def evaluate(h, step) -> dict:
         was = h.training
@@ -134,6 +116,49 @@ def run_infill(cfg, train_cfg_fields: dict) -> dict:
             var_log_z=float(lz.var(0).mean()),
         )
 
+    return evaluate
+
+
+def _summary(log: Path, result: dict, num_problems: int, T: int) -> dict:
+    """The run's summary: the trainer's result, the first and last evaluation and the gain."""
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    evals = [e for e in events if e.get("event") == "eval"]
+    summary = dict(
+        # final: the last evaluation's metrics, measured at final["eval_step"]
+        final=result,
+        stopped_by_signal=signal_stop(result["stopped_by"], result["step"]),
+        num_problems=num_problems,
+        T=T,
+    )
+    if evals:  # each with its "step"
+        summary["base"], summary["trained"] = evals[0], evals[-1]
+        summary["lower_bound_gain"] = evals[-1]["lower_bound"] - evals[0]["lower_bound"]
+    return summary
+
+
+def run_infill(cfg, train_cfg_fields: dict) -> dict:
+    """Train the conditional head on synthetic problems; returns the summary."""
+    from llmsample.ctl.trainer import CTLConfig, train_ctl
+
+    model, tok = llmsample.load_model(cfg.model)
+    out = Path(cfg.out_dir)
+    train = infill_problems(
+        model, tok, cfg.num_problems, cfg.suffix_tokens, cfg.seed, False, out / "problems.json"
+    )
+    held = infill_problems(
+        model, tok, cfg.eval_problems, cfg.suffix_tokens, cfg.seed + 1, True, None
+    )
+    T, eos = train["T"], line_end_ids(tok)
+    H = model.config.hidden_size
+    if cfg.tied_head:
+        head = TwistHead.tied(model, width=cfg.head_width, cond_size=H)
+    else:
+        head = TwistHead(H, vocab_size(model), width=cfg.head_width, cond_size=H)
+    cond = text_features(model, tok, train["suffixes"])
+    potentials = [SuffixLikelihood(model, tok, s) for s in train["suffixes"]]
+    train_cfg = CTLConfig(**train_cfg_fields | dict(max_new_tokens=T))
+
+    evaluate = _evaluator(cfg, model, tok, held, T, eos)
     result = train_ctl(
         model,
         tok,
@@ -147,17 +172,4 @@ def run_infill(cfg, train_cfg_fields: dict) -> dict:
         references=train["references"],
         run_config=cfg,
     )
-    log = out / "metrics.jsonl"
-    events = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    evals = [e for e in events if e.get("event") == "eval"]
-    summary = dict(
-        # final: the last evaluation's metrics, measured at final["eval_step"]
-        final=result,
-        stopped_by_signal=signal_stop(result["stopped_by"], result["step"]),
-        num_problems=len(train["prompts"]),
-        T=T,
-    )
-    if evals:  # each with its "step"
-        summary["base"], summary["trained"] = evals[0], evals[-1]
-        summary["lower_bound_gain"] = evals[-1]["lower_bound"] - evals[0]["lower_bound"]
-    return summary
+    return _summary(out / "metrics.jsonl", result, len(train["prompts"]), T)

@@ -10,7 +10,7 @@ import torch
 from conftest import make_model, make_tokenizer
 
 from llmsample.hf.prompts import encode_prompts
-from llmsample.hf.session import LMSession, position_ids, score_continuations, teacher_force
+from llmsample.hf.session import LMSession, position_ids, teacher_force
 
 ATOL = 1e-5
 
@@ -53,7 +53,8 @@ def test_teacher_forced_scores_match_cached_steps(arch):
     prompts = encode_prompts(tok, ["a b c", "d"])
     cont = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
     cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    scored = score_continuations(model, prompts.input_ids, prompts.attention_mask, cont, cmask)
+    ctx = prompts.input_ids, prompts.attention_mask
+    scored = teacher_force(model, *ctx, cont, cmask).token_logp
     session = LMSession(model, prompts, num_particles=1)
     stepwise = []
     for t in range(4):

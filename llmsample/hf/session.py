@@ -28,7 +28,6 @@ from llmsample.hf.prompts import PromptBatch
 
 __all__ = [
     "LMSession",
-    "score_continuations",
     "teacher_force",
     "TeacherForced",
     "context_length",
@@ -321,23 +320,3 @@ def _chunked_logprobs(head, h: Tensor, cont: Tensor, stop_ids, grad: bool, chunk
         stops.append(stop)
     stop = torch.cat(stops, dim=1) if stop_ids else None  # [R, T+1]
     return torch.cat(toks, dim=1), stop  # [R, T]
-
-
-def score_continuations(
-    model,
-    context_ids: Tensor,
-    context_mask: Tensor,
-    continuation_ids: Tensor,
-    continuation_mask: Tensor,
-    *,
-    grad: bool = False,
-) -> Tensor:
-    """Teacher-forced log p(continuation token | context, earlier tokens).
-
-    ``context_*`` are left-padded [R, P] with at least one real token per row;
-    ``continuation_*`` are right-padded [R, T]. Returns fp32 [R, T] log-probs, with 0
-    at masked continuation positions. One forward pass, no KV cache.
-    """
-    return teacher_force(
-        model, context_ids, context_mask, continuation_ids, continuation_mask, grad=grad
-    ).token_logp

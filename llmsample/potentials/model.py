@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from llmsample.hf.classify import classifier_log_probs
-from llmsample.hf.session import score_continuations
+from llmsample.hf.session import teacher_force
 from llmsample.particles import Particles
 from llmsample.potentials.base import Potential
 
@@ -78,7 +78,7 @@ class SuffixLikelihood(Potential):
             ctx[r, P - len(c) :], ctx_mask[r, P - len(c) :] = torch.tensor(c), 1
             suf[r, : len(s)], suf_mask[r, : len(s)] = torch.tensor(s), 1
         self.forward_tokens += ctx.numel() + suf.numel()
-        logp = score_continuations(self.model, ctx, ctx_mask, suf, suf_mask)
+        logp = teacher_force(self.model, ctx, ctx_mask, suf, suf_mask).token_logp
         return logp.sum(-1).to(device=x.device, dtype=torch.float64)
 
     def prefix(self, x: Particles) -> Tensor:
