@@ -60,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,6 +71,7 @@ import torch  # noqa: E402
 
 import llmsample  # noqa: E402
 from llmsample.gfn import GFNConfig, add_lora, sample_rollouts, trajectory_balance  # noqa: E402
+from llmsample.hf.checkpointing import checkpointed_layers  # noqa: E402
 from llmsample.hf.prompts import PromptBatch, encode_prompts  # noqa: E402
 from llmsample.hf.session import LMSession, teacher_force  # noqa: E402
 
@@ -208,7 +210,9 @@ class Setup:
         log_r = log_reward(self.policy, self.prompts, index, tokens, lengths)
         t2 = self._now()
         if log_q is None:  # ours: log q from one teacher-forced pass with gradients
-            log_q = log_prob(self.policy, self.prompts, index, tokens, lengths, grad=True)
+            ckpt = self.args.activation_checkpointing
+            with checkpointed_layers(self.policy) if ckpt else nullcontext():
+                log_q = log_prob(self.policy, self.prompts, index, tokens, lengths, grad=True)
         loss = trajectory_balance(log_q.view(B, K), log_r.view(B, K), self.log_z)
         loss.backward()
         self.opt.step()
@@ -335,6 +339,7 @@ def worker(args) -> dict:
 
 # ---------------------------------------------------------------------- driver
 WORKER_FLAGS = "model device dtype batch k stop lora_rank warmup repeats threads seed".split()
+WORKER_SWITCHES = ["activation_checkpointing"]
 
 
 def run_worker(args, variant: str, T: int) -> dict:
@@ -342,6 +347,7 @@ def run_worker(args, variant: str, T: int) -> dict:
     cmd += ["--max-new-tokens", str(T)]
     for name in WORKER_FLAGS:
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    cmd += [f"--{name.replace('_', '-')}" for name in WORKER_SWITCHES if getattr(args, name)]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -484,8 +490,14 @@ def _setting(args, info: dict, o: dict) -> str:
         f"{o['trainable_params']:,} trainable params), {args.dtype}; {args.batch} prompt(s) x "
         f"K={args.k} samples = {args.batch * args.k} rows, T new tokens, {stop}; "
         "log R = log p_base (adapter off), scalar log Z, AdamW. **ours** = rollouts "
-        "with KV cache and no autograd + one teacher-forced pass with gradients; "
-        "**reference** = sampling loop with KV cache and autograd on, backward through the "
+        "with KV cache and no autograd + one teacher-forced pass with gradients"
+        + (
+            ", its decoder layers checkpointed (`--activation-checkpointing`: each layer "
+            "recomputed in the backward instead of keeping its activations); "
+            if args.activation_checkpointing
+            else "; "
+        )
+        + "**reference** = sampling loop with KV cache and autograd on, backward through the "
         f"rollout. Each variant in its own fresh process, ABBA over {args.rounds} round(s), "
         f"{args.warmup} warm-up + {args.repeats} timed steps per process; medians over the "
         f"{args.rounds * args.repeats} timed steps. {peak}; autograd saved MB = distinct "
@@ -500,13 +512,15 @@ def _setting(args, info: dict, o: dict) -> str:
 
 def section_key(args) -> str:
     key = f"gfn_step:{args.device}:T{'-'.join(map(str, args.max_new_tokens))}"
-    return key + (f":threads{args.threads}" if args.device == "cpu" else "")
+    key += f":threads{args.threads}" if args.device == "cpu" else ""
+    return key + (":ckpt" if args.activation_checkpointing else "")
 
 
 def markdown(results: list[dict], info: dict, args, command: str) -> None:
     """Replace this run's section of ``args.markdown`` (``report.write_section``)."""
     title = f"### gfn_step ({args.device}, T = {', '.join(map(str, args.max_new_tokens))}"
-    title += f", {args.threads} threads)" if args.device == "cpu" else ")"
+    title += f", {args.threads} threads" if args.device == "cpu" else ""
+    title += ", activation checkpointing)" if args.activation_checkpointing else ")"
     setting = _setting(args, info, results[0]["ours"])
     lines = [title, "", f"`{command}`", "", setting, "", *tables(results)]
     report.write_section(args.markdown, section_key(args), lines)
@@ -532,6 +546,11 @@ def parse_args(argv=None):
         help="OMP_WAIT_POLICY of the worker processes ('' = leave unset); see the docstring",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="ours: checkpoint the decoder layers of the scoring pass (llmsample.hf.checkpointing)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny settings, for tests")
     p.add_argument("--out", default="", help="write the JSON here (e.g. benchmarks/results/)")
     p.add_argument("--markdown", default="", help="add the table here (benchmarks/RESULTS.md)")

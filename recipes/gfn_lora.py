@@ -51,6 +51,11 @@ class GFNRecipeConfig(GFNConfig):
     miss_penalty: float = help_field("keywords: log phi = -miss_penalty * (missing words)", 4.0)
     invalid_log_reward: float = help_field("uniform-number: log R of an invalid sequence", -10.0)
     coverage_beta: float = help_field("commongen: log phi = coverage_beta * (coverage - 1)", 8.0)
+    demonstrations: bool = help_field(
+        "commongen: seed the replay buffer with the training sets' human sentences "
+        "(off-policy rows, scored by the same reward; needs replay_fraction > 0)",
+        False,
+    )
 
     RESUMABLE_FIELDS = (*GFNConfig.RESUMABLE_FIELDS, "num_threads")
 
@@ -64,6 +69,8 @@ class GFNRecipeConfig(GFNConfig):
             raise ValueError("miss_penalty must be > 0")
         if not (self.coverage_beta > 0 and math.isfinite(self.coverage_beta)):
             raise ValueError(f"coverage_beta must be finite and > 0, got {self.coverage_beta}")
+        if self.demonstrations and self.task != "commongen":
+            raise ValueError(f"demonstrations: only the commongen task has them, not {self.task!r}")
 
 
 def main(cfg: GFNRecipeConfig) -> dict:
@@ -100,6 +107,7 @@ def main(cfg: GFNRecipeConfig) -> dict:
         stop_ids=task.stop_ids,
         evaluate=task.evaluate,
         run_config=cfg,
+        demonstrations=task.demonstrations if cfg.demonstrations else None,
     )
     result = trainer.train()
     prov = provenance(shlex.join(["python", *sys.argv]))

@@ -18,12 +18,15 @@
   ``gfn_commongen.yaml``), ending at the chat template's end of turn. The reward is
   p_base(x|c) * exp(coverage_beta * (coverage - 1)): a soft coverage (a hard 0/1 gives
   most rollouts of a 135M model reward 0 and no gradient signal). The evaluation is the
-  lm tasks' policy diagnostics on the first ``eval_prompts`` training sets.
+  lm tasks' policy diagnostics on the first ``eval_prompts`` training sets. With
+  ``demonstrations: true`` the training sets' human sentences seed the replay buffer:
+  off-policy rows that cover every concept, scored by the same reward.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +36,7 @@ from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, to
 from llmsample.gfn import BaseView, policy_diagnostics
 from llmsample.potentials import Potential, Reward
 
-__all__ = ["GFNTask", "build_task", "TASKS"]
+__all__ = ["GFNTask", "build_task", "commongen_reply", "TASKS"]
 
 TASKS = ("exact", "uniform-number", "line-infill", "keywords", "commongen")
 DIGITS = [str(d) for d in range(10)]
@@ -51,6 +54,7 @@ class GFNTask:
     evaluate: object  # (policy, step) -> dict
     bind: object = None  # (policy) -> None: rebuild model-based potentials on BaseView
     chat: bool = False  # prompts are user messages (the tokenizer's chat template)
+    demonstrations: list[list[str]] | None = None  # per prompt, human replies (commongen)
 
 
 def _soft(texts: list[str]) -> list[float]:
@@ -157,6 +161,14 @@ def lm_task(cfg) -> GFNTask:
     return holder
 
 
+def commongen_reply(reference: str) -> str:
+    """A CommonGen reference as a chat reply: detokenized (``"park ."`` -> ``"park."``),
+    capitalized, ending in a full stop."""
+    text = re.sub(r" ([.,!?;:'])", r"\1", reference.strip())
+    text = text[:1].upper() + text[1:]
+    return text if text[-1:] in ".!?" else text + "."
+
+
 def commongen_task(cfg) -> GFNTask:
     import random
 
@@ -188,7 +200,10 @@ def commongen_task(cfg) -> GFNTask:
             chat=True,
         )
 
-    return GFNTask(model, tok, prompts, potential, stop_ids, T, True, evaluate, chat=True)
+    refs = [[commongen_reply(r) for r in train[i]["references"]] for i in rows]
+    return GFNTask(
+        model, tok, prompts, potential, stop_ids, T, True, evaluate, chat=True, demonstrations=refs
+    )
 
 
 def _soft_contains(words, penalty: float) -> Potential:

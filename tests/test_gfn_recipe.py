@@ -44,6 +44,18 @@ def test_recipe_config_validation():
         GFNRecipeConfig(task="sudoku")
     with pytest.raises(ValueError, match="miss_penalty"):
         GFNRecipeConfig(miss_penalty=0.0)
+    with pytest.raises(ValueError, match="only the commongen task has them"):
+        GFNRecipeConfig(task="exact", demonstrations=True)
+
+
+def test_commongen_references_become_chat_replies():
+    from gfn_tasks import commongen_reply
+
+    assert commongen_reply("airliner on the apron as passengers disembark .") == (
+        "Airliner on the apron as passengers disembark."
+    )
+    assert commongen_reply("a dog , a ball and a park") == "A dog, a ball and a park."
+    assert commongen_reply("Is the dog in the park ?") == "Is the dog in the park?"
 
 
 def test_commongen_recipe_on_a_chat_model_resumes_after_a_kill(tmp_path, monkeypatch):

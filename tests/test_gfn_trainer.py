@@ -190,3 +190,67 @@ def test_replay_buffer_dedup_capacity_and_priority():
     other = ReplayBuffer()
     other.load_state_dict(buf.state_dict())
     assert other.size(0) == 3 and other.sample(1, 2) == []
+
+
+def test_replay_buffer_seeded_sequences_come_first_once():
+    buf = ReplayBuffer(capacity=8)
+    buf.add(0, [(1,)], [5.0])  # a high reward: priority alone would always pick it
+    buf.seed(0, [(2,), (3,), (1,), (2,)])  # (1,) is already scored, (2,) repeats
+    assert buf.size(0) == 3 and len(buf) == 3
+    g = torch.Generator().manual_seed(0)
+    first = buf.sample(0, 1, generator=g)
+    assert first[0] in {(2,), (3,)}  # seeded (unscored) sequences are drawn first ...
+    assert buf.size(0) == 2  # each seeded sequence is drawn once, then leaves the queue
+    copy = ReplayBuffer()
+    copy.load_state_dict(buf.state_dict())  # ... and the queue survives a checkpoint
+    last = ({(2,), (3,)} - set(first)).pop()
+    assert copy.sample(0, 2, generator=g) == buf.sample(0, 2, generator=g) == [last, (1,)]
+    assert buf.size(0) == 1 and buf.sample(0, 2, generator=g) == [(1,)]  # only scored left
+    buf.add(0, [(2,), (3,)], [-1.0, -2.0])  # the trainer adds them back with their reward
+    assert buf.size(0) == 3
+
+
+def test_demonstrations_enter_as_replay_rows_and_keep_sigma(tmp_path, gfn_target):
+    """Human-style off-policy rows (here a low-probability sequence under the base model)
+    are scored once and replayed; VarGrad's fixed point is still sigma."""
+    tok = toy_tokenizer(with_pad=True)
+    policy = add_lora(toy_model("gpt2"), gfn_config(tmp_path))
+    before = _kl(policy, tok, gfn_target)
+    cfg = gfn_config(tmp_path, loss="vargrad", replay_fraction=0.25)
+    demos = [["c c", "a a", "c c c c c"]]  # the last is longer than T and is dropped
+    trainer = GFNTrainer(policy, tok, [PROMPT], PHI, cfg, stop_ids=[TOY_EOS], demonstrations=demos)
+    assert trainer.num_demonstrations == 2
+    trainer.train()
+    after = _kl(policy, tok, gfn_target)
+    assert after < before / 5, (before, after)
+    seeded = {(*tok("c c", add_special_tokens=False)["input_ids"], TOY_EOS)}
+    assert seeded <= set(trainer.replay.rewards(0))  # scored and kept in the buffer
+    events = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"log_reward_replay"' in events
+
+
+def test_demonstrations_refused_when_they_cannot_enter(tmp_path):
+    tok = toy_tokenizer(with_pad=True)
+    policy = add_lora(toy_model("gpt2"), gfn_config(tmp_path))
+    cfg = gfn_config(tmp_path, replay_fraction=0.0)
+    with pytest.raises(ValueError, match="raise replay_fraction"):
+        GFNTrainer(policy, tok, [PROMPT], PHI, cfg, stop_ids=[TOY_EOS], demonstrations=[["c"]])
+    cfg = gfn_config(tmp_path, replay_fraction=0.25)
+    with pytest.raises(ValueError, match="one list per prompt"):
+        GFNTrainer(policy, tok, [PROMPT], PHI, cfg, stop_ids=[TOY_EOS], demonstrations=[])
+
+
+def test_activation_checkpointing_trains_the_same_policy(tmp_path):
+    tok = toy_tokenizer(with_pad=True)
+    trained = []
+    for ckpt in (False, True):
+        cfg = gfn_config(tmp_path / str(ckpt), steps=5, activation_checkpointing=ckpt)
+        policy = add_lora(toy_model("gpt2"), cfg)
+        GFNTrainer(policy, tok, [PROMPT], PHI, cfg, stop_ids=[TOY_EOS]).train()
+        lora = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        trained.append(lora)
+    assert trained[0].keys() == trained[1].keys() and trained[0]
+    moved = max(float(p.abs().max()) for n, p in trained[0].items() if "lora_B" in n)
+    assert moved > 1e-3  # five steps changed the adapter (lora_B starts at zero)
+    for n, p in trained[0].items():
+        torch.testing.assert_close(trained[1][n], p, rtol=1e-4, atol=1e-6)

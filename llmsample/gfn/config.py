@@ -23,7 +23,10 @@ LOSSES = ("tb", "vargrad", "subtb")
 @dataclass
 class GFNConfig(TrainConfig):
     """Knobs of :class:`llmsample.gfn.GFNTrainer`; ``RESUMABLE_FIELDS`` are TrainConfig's
-    (a new ``steps`` also stretches the epsilon schedule over the new length)."""
+    plus ``activation_checkpointing`` (a new ``steps`` also stretches the epsilon schedule
+    over the new length)."""
+
+    RESUMABLE_FIELDS = (*TrainConfig.RESUMABLE_FIELDS, "activation_checkpointing")
 
     # objective
     loss: str = help_field("tb (trajectory balance) | vargrad | subtb (modified sub-TB)", "tb")
@@ -56,6 +59,11 @@ class GFNConfig(TrainConfig):
     weight_decay: float = help_field("AdamW weight decay of the LoRA weights", 0.0)
     warmup_steps: int = help_field("linear learning-rate warmup steps", 10)
     mixed_precision: str = help_field("no | bf16 | fp16 (accelerate autocast)", "no")
+    activation_checkpointing: bool = help_field(
+        "recompute each decoder layer in the backward of the scoring pass instead of keeping "
+        "its activations (same log q and gradients; less memory, one more forward)",
+        False,
+    )
     # LoRA
     lora_rank: int = help_field("LoRA rank r", 8)
     lora_alpha: float = help_field("LoRA alpha (scale alpha / r)", 16.0)

@@ -9,13 +9,17 @@ One optimizer step, per micro-batch (``gradient_accumulation_steps`` of them):
 1. **Pick prompts** (``prompts_per_step``) and **explore**: K - K_r fresh rollouts per
    prompt from the policy with the KV cache and no autograd (on-policy, or at a random
    temperature on ``tempered_fraction`` of steps; epsilon-uniform mixing on top), plus
-   K_r = ``replay_fraction`` K sequences from the reward-prioritized replay buffer.
+   K_r = ``replay_fraction`` K sequences from the reward-prioritized replay buffer
+   (``demonstrations``, e.g. human replies, seed it: drawn first, each once, then
+   replayed by reward like the rest; every loss here is valid off-policy).
 2. **Reward** with the *same* model, adapter disabled: log R = (log p_base(x|c) +
    log phi(x,c)) / tau (``base_in_reward=False``: log phi / tau), tau on the
    reward-temperature schedule (one teacher-forced pass, no grad). For ``subtb`` also
    log R of every prefix followed by the stop token.
 3. **Score** the rows under the untempered policy in one teacher-forced pass with
-   gradients (memory: one forward + backward, not T steps of graph) and apply the loss
+   gradients (memory: one forward + backward, not T steps of graph; with
+   ``activation_checkpointing`` each layer's inside is recomputed in the backward
+   instead of kept) and apply the loss
    (:mod:`llmsample.gfn.losses`). Fresh rows enter the replay buffer.
 
 The loop, checkpoints, resume, logs and stop signals are :class:`llmsample.train.base.Trainer`'s:
@@ -37,6 +41,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -53,6 +58,7 @@ from llmsample.gfn.rollout import (
     sample_rollouts,
 )
 from llmsample.hf.adapters import is_peft, lora_model
+from llmsample.hf.checkpointing import checkpointed_layers
 from llmsample.hf.prompts import PromptBatch, encode_prompts
 from llmsample.hf.session import teacher_force
 from llmsample.potentials.base import PerPrompt, Potential
@@ -108,9 +114,13 @@ class GFNTrainer(Trainer):
         stop_ids: list[int] | None = None,
         evaluate: Callable[[object, int], dict] | None = None,
         run_config=None,
+        demonstrations: Sequence[Sequence[str]] | None = None,
     ):
         """``run_config``: the config recorded with each checkpoint and compared on resume
-        (default ``cfg``); a recipe passes its whole config (task fields included)."""
+        (default ``cfg``); a recipe passes its whole config (task fields included).
+        ``demonstrations``: per prompt, continuation texts that seed the replay buffer
+        (each followed by the first stop id; those longer than ``max_new_tokens`` are
+        dropped)."""
         if not is_peft(policy):
             raise TypeError(
                 "policy must be a peft model (the reward uses the same model with the adapter "
@@ -118,6 +128,17 @@ class GFNTrainer(Trainer):
             )
         if not prompts:
             raise ValueError("GFNTrainer needs at least one prompt")
+        if demonstrations is not None and len(demonstrations) != len(prompts):
+            raise ValueError(
+                f"got demonstrations for {len(demonstrations)} prompts, expected one list "
+                f"per prompt ({len(prompts)})"
+            )
+        if demonstrations is not None and int(cfg.replay_fraction * cfg.samples_per_prompt) < 1:
+            raise ValueError(
+                "demonstrations enter training as replay rows, but replay_fraction * "
+                f"samples_per_prompt = {cfg.replay_fraction} * {cfg.samples_per_prompt} < 1; "
+                "raise replay_fraction"
+            )
         if isinstance(potential, Sequence) and len(potential) != len(prompts):
             raise ValueError(
                 f"got {len(potential)} per-prompt potentials for {len(prompts)} prompts; "
@@ -151,6 +172,7 @@ class GFNTrainer(Trainer):
         )
         self.policy.eval()  # no dropout, ever: every loss needs the exact log q of the policy
         self.replay = ReplayBuffer(cfg.replay_capacity)
+        self.num_demonstrations = self._seed_replay(demonstrations or [])
         seed = cfg.seed + self.acc.process_index
         self.gen = torch.Generator().manual_seed(seed)  # host-side choices (prompts, replay)
         self.sample_gen = torch.Generator(device=self.acc.device).manual_seed(seed)  # rollouts
@@ -160,6 +182,21 @@ class GFNTrainer(Trainer):
         return self.acc.unwrap_model(self.policy)
 
     # ------------------------------------------------------------------ data
+    def _seed_replay(self, demonstrations: Sequence[Sequence[str]]) -> int:
+        """Queue each prompt's demonstration texts (tokenized, + stop) in the replay
+        buffer; the number kept."""
+        kept = 0
+        for i, texts in enumerate(demonstrations):
+            seqs = []
+            for text in texts:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                seq = (*ids, self.stop_ids[0])
+                if len(seq) <= self.cfg.max_new_tokens:
+                    seqs.append(seq)
+            self.replay.seed(i, seqs)
+            kept += len(seqs)
+        return kept
+
     def _potential(self, chosen: list[int]) -> Potential | None:
         if isinstance(self.potential, Sequence):  # one per prompt: index by batch row
             return PerPrompt([self.potential[i] for i in chosen])
@@ -171,9 +208,9 @@ class GFNTrainer(Trainer):
         chosen = torch.randperm(len(self.prompts), generator=self.gen)[:n].tolist()
         prompts = encode_prompts(self.tokenizer, [self.prompts[i] for i in chosen], chat=cfg.chat)
         K = cfg.samples_per_prompt
-        k_r = int(cfg.replay_fraction * K)
-        if any(self.replay.size(i) < k_r for i in chosen):
-            k_r = 0
+        # the same K_r for every prompt (the losses see a [B, K] batch): as many as the
+        # emptiest buffer among the chosen prompts can give
+        k_r = min([int(cfg.replay_fraction * K)] + [self.replay.size(i) for i in chosen])
         temp = 1.0
         if float(torch.rand((), generator=self.gen)) < cfg.tempered_fraction:
             u = float(torch.rand((), generator=self.gen))
@@ -226,16 +263,18 @@ class GFNTrainer(Trainer):
             prompts.attention_mask[ro.prompt_index],
         )
         head = cfg.loss == "tb" and cfg.log_z == "prompt"
-        tf = teacher_force(
-            self.policy,
-            ctx_ids,
-            ctx_mask,
-            ro.tokens,
-            ro.mask.long(),
-            grad=True,
-            stop_ids=self.stop_ids if subtb else None,
-            hidden=head,
-        )
+        ckpt = checkpointed_layers(self.policy) if cfg.activation_checkpointing else nullcontext()
+        with ckpt:
+            tf = teacher_force(
+                self.policy,
+                ctx_ids,
+                ctx_mask,
+                ro.tokens,
+                ro.mask.long(),
+                grad=True,
+                stop_ids=self.stop_ids if subtb else None,
+                hidden=head,
+            )
         B = prompts.size
         log_q = tf.token_logp.sum(1)  # [R]
         target = (log_r / tau).to(device=device, dtype=torch.float32)
@@ -300,6 +339,8 @@ class GFNTrainer(Trainer):
                 self.sched.step()
                 self.opt.zero_grad()
             stats["loss"] = float(loss.detach())
+            if n_fresh < cfg.samples_per_prompt:  # rows are prompt-major, fresh ones first
+                stats["log_reward_replay"] = float(log_r.view(len(chosen), -1)[:, n_fresh:].mean())
             for k, v in stats.items():
                 agg[k] = agg.get(k, 0.0) + v / cfg.gradient_accumulation_steps
             self._remember(chosen, ro, log_r)
