@@ -20,7 +20,8 @@ One optimizer step, per micro-batch (``gradient_accumulation_steps`` of them):
    gradients (memory: one forward + backward, not T steps of graph; with
    ``activation_checkpointing`` each layer's inside is recomputed in the backward
    instead of kept) and apply the loss
-   (:mod:`llmsample.gfn.losses`). Fresh rows enter the replay buffer.
+   (:mod:`llmsample.gfn.losses`). Every row (fresh, replayed or a demonstration's
+   first draw) enters the replay buffer with its untempered log R.
 
 The loop, checkpoints, resume, logs and stop signals are :class:`llmsample.train.base.Trainer`'s:
 checkpoints (accelerate state + replay buffer + RNG + step + the config) land in
