@@ -3,6 +3,8 @@ gradients with dropout configured on, less memory kept for backward, modes resto
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from conftest import make_model
@@ -42,16 +44,10 @@ def _score(policy, ckpt: bool):
         return t
 
     policy.zero_grad(set_to_none=True)
+    ones = torch.ones_like
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if ckpt:
-            with checkpointed_layers(policy):
-                tf = teacher_force(
-                    policy, ctx, torch.ones_like(ctx), cont, torch.ones_like(cont), grad=True
-                )
-        else:
-            tf = teacher_force(
-                policy, ctx, torch.ones_like(ctx), cont, torch.ones_like(cont), grad=True
-            )
+        with checkpointed_layers(policy) if ckpt else nullcontext():
+            tf = teacher_force(policy, ctx, ones(ctx), cont, ones(cont), grad=True)
     log_q = tf.token_logp.sum(1)
     log_q.sum().backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
