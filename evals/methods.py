@@ -42,6 +42,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -134,19 +135,19 @@ def _smc(n, twist=False, resample=True, proposal=None, guard=False):
 
 
 @lru_cache(maxsize=2)
-def _policy(model_name: str, task_name: str):
-    """The task's GFlowNet policy: its own copy of the base model plus the adapter, so
-    the base model that every other method (and every potential) uses stays clean."""
-    policy, _ = llmsample.load_model(model_name, adapter=str(ADAPTERS / task_name))
+def _policy(model_name: str, adapter: str):
+    """A GFlowNet policy: its own copy of the base model plus the adapter folder, so the
+    base model that every other method (and every potential) uses stays clean."""
+    policy, _ = llmsample.load_model(model_name, adapter=adapter)
     return policy
 
 
-def _gfn(k=8):
+def _gfn(adapter: str, k=8):
     """Plain samples from the GFlowNet policy (unweighted, like ancestral sampling)."""
 
     def run(model, tok, task, examples, seed):
         return llmsample.ancestral_generate(
-            _policy(model.name_or_path, task.name),
+            _policy(model.name_or_path, adapter),
             tok,
             [e.prompt for e in examples],
             num_samples=k,
@@ -157,7 +158,7 @@ def _gfn(k=8):
     return run
 
 
-def _gfn_is(n):
+def _gfn_is(adapter: str, n):
     """The GFlowNet policy as the proposal, weights p_base phi / q (importance sampling).
 
     No resampling: without a twist, SMC's intermediate weights p(x_<=t) / q(x_<=t) would
@@ -167,7 +168,7 @@ def _gfn_is(n):
     """
 
     def run(model, tok, task, examples, seed):
-        policy = _policy(model.name_or_path, task.name)
+        policy = _policy(model.name_or_path, adapter)
         return _smc(n, resample=False, proposal=policy)(model, tok, task, examples, seed)
 
     return run
@@ -204,13 +205,13 @@ def _smc_learned(n):
     return run
 
 
-def _gfn_flow(n):
+def _gfn_flow(adapter: str, n):
     """SMC with the GFlowNet policy as the proposal and its implied flow as the twist
     (``llmsample.gfn.FlowTwist``; soft potentials only: it refuses phi = 0 prefixes)."""
     from llmsample.gfn import FlowTwist
 
     def run(model, tok, task, examples, seed):
-        policy = _policy(model.name_or_path, task.name)
+        policy = _policy(model.name_or_path, adapter)
         potential = task.potential(model, tok, examples)
         newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
         return llmsample.smc_generate(
@@ -339,19 +340,19 @@ def _smc_indep(n, k, twist=False, guard=False):
     return run
 
 
-def _smc_gfn(n):
+def _smc_gfn(adapter: str, n):
     """SMC with the GFlowNet policy as the proposal and the prefix twist; the weights are
     exact against p_base * phi. (Untwisted, resampling on p/q would pull the particles
     back to the base model's prefixes: see ``_gfn_is``.)"""
 
     def run(model, tok, task, examples, seed):
-        policy = _policy(model.name_or_path, task.name)
+        policy = _policy(model.name_or_path, adapter)
         return _smc(n, twist=True, proposal=policy)(model, tok, task, examples, seed)
 
     return run
 
 
-def _commongen_grid(quick: bool, samples: int) -> list[Method]:
+def _commongen_grid(quick: bool, samples: int, adapter: Path) -> list[Method]:
     n, k = N_COMMONGEN, samples
     out = [Method("ancestral", "T=1.0", _ancestral(temperature=1.0, k=n))]
     if not quick:
@@ -368,9 +369,9 @@ def _commongen_grid(quick: bool, samples: int) -> list[Method]:
     out.append(Method("smc-guard-indep", f"N={n},K={k}", _smc_indep(n, k, True, True)))
     if not quick:  # 4x the compute: what it takes to leave no concept set without a success
         out.append(Method("smc-guard", f"N={4 * n}", _smc(4 * n, twist=True, guard=True)))
-    if (ADAPTERS / "commongen" / "adapter_config.json").is_file():
-        out.append(Method("gfn", f"K={n}", _gfn(k=n)))
-        out.append(Method("smc-gfn", f"N={n}", _smc_gfn(n)))
+    if (adapter / "adapter_config.json").is_file():
+        out.append(Method("gfn", f"K={n}", _gfn(str(adapter), k=n)))
+        out.append(Method("smc-gfn", f"N={n}", _smc_gfn(str(adapter), n)))
     return out
 
 
@@ -379,11 +380,15 @@ def _commongen_grid(quick: bool, samples: int) -> list[Method]:
 SIZES = {"line-infill": [8, 16, 32], "keywords": [16, 64, 256]}
 
 
-def methods(task_name: str, quick: bool = False, samples: int = 4) -> list[Method]:
+def methods(
+    task_name: str, quick: bool = False, samples: int = 4, adapter: str | Path | None = None
+) -> list[Method]:
     """The grid of cells for a task (a smaller one with ``quick``); ``samples`` (draws
-    per prompt) sets smc-indep's number of runs (commongen only)."""
+    per prompt) sets smc-indep's number of runs (commongen only). The GFlowNet rows
+    appear when ``adapter`` (default ``ADAPTERS / task_name``) holds an adapter."""
+    adapter = Path(adapter) if adapter is not None else ADAPTERS / task_name
     if task_name == "commongen":
-        return _commongen_grid(quick, samples)
+        return _commongen_grid(quick, samples, adapter)
     temps = [1.0] if quick else [0.5, 0.75, 1.0, 1.25, 1.5]
     sizes = [8] if quick else SIZES[task_name]
     out = [Method("ancestral", f"T={t}", _ancestral(temperature=t)) for t in temps]
@@ -395,11 +400,11 @@ def methods(task_name: str, quick: bool = False, samples: int = 4) -> list[Metho
     out += [Method("smc-twist", f"N={n}", _smc(n, twist=True)) for n in sizes[-2:]]
     if (TWISTS / task_name / "twist_head.pt").is_file():
         out += [Method("smc-learned", f"N={n}", _smc_learned(n)) for n in sizes[-2:]]
-    if (ADAPTERS / task_name / "adapter_config.json").is_file():
-        out.append(Method("gfn", "K=8", _gfn()))
-        out += [Method("gfn-is", f"N={n}", _gfn_is(n)) for n in sizes[-2:]]
+    if (adapter / "adapter_config.json").is_file():
+        out.append(Method("gfn", "K=8", _gfn(str(adapter))))
+        out += [Method("gfn-is", f"N={n}", _gfn_is(str(adapter), n)) for n in sizes[-2:]]
         if task_name == "line-infill":  # a soft potential: the flow twist applies
-            out += [Method("gfn-flow", f"N={n}", _gfn_flow(n)) for n in sizes[-2:]]
+            out += [Method("gfn-flow", f"N={n}", _gfn_flow(str(adapter), n)) for n in sizes[-2:]]
     return out
 
 

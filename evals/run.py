@@ -57,13 +57,14 @@ def run_task(
     quick: bool = False,
     command: str = "",
     only: list[str] | None = None,
+    adapter: Path | None = None,
 ) -> dict:
     """Run (or resume) every cell of the task, then write the report; returns the summary.
 
     ``only`` (method names, e.g. ``["smc", "beam"]``) runs just those methods' cells; the
     report still covers every finished cell, so several processes can share the grid."""
     task = build_task(task_name, num_prompts=num_prompts)
-    grid = _select(methods(task_name, quick=quick, samples=samples), only)
+    grid = _select(methods(task_name, quick=quick, samples=samples, adapter=adapter), only)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     todo = [(m, s) for m in grid for s in seeds if not _cell_path(out, m.key, s).exists()]
     model, tok = llmsample.load_model(model_name) if todo else (None, None)
@@ -223,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="5 prompts, 1 seed, a small grid")
     p.add_argument("--methods", nargs="+", help="run only these methods (e.g. smc beam)")
     p.add_argument(
+        "--adapter",
+        type=Path,
+        help="GFlowNet adapter folder for the gfn rows (e.g. out/gfn_commongen/adapter); "
+        "default: the committed evals/artifacts/adapters/<task>",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=max(1, min(2, os.cpu_count() or 1)),
@@ -230,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     refuse_old(args.out, "--out")
+    if args.adapter is not None and not (args.adapter / "adapter_config.json").is_file():
+        p.error(
+            f"--adapter {args.adapter}: no adapter_config.json there; pass the folder a "
+            "recipe exported (<out_dir>/adapter)"
+        )
     for key, value in TASK_DEFAULTS.get(args.task, TASK_DEFAULTS["*"]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -252,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         command=command,
         only=args.methods,
+        adapter=args.adapter,
     )
     print((args.out / "results.md").read_text())
     return 0 if summary else 1

@@ -255,3 +255,15 @@ def test_commongen_grid_on_a_toy_chat_model(toy, tmp_path, monkeypatch):
     (tmp_path / "commongen").mkdir()
     (tmp_path / "commongen" / "adapter_config.json").write_text("{}")
     assert {"gfn", "smc-gfn"} <= {m.name for m in M.methods("commongen", quick=True)}
+    # or those of any adapter folder given explicitly (evals.run --adapter)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    names = lambda adapter: {m.name for m in M.methods("commongen", True, 4, adapter)}  # noqa: E731
+    assert "gfn" not in names(other)
+    (other / "adapter_config.json").write_text("{}")
+    assert {"gfn", "smc-gfn"} <= names(other)
+    from evals.run import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--task", "commongen", "--out", str(tmp_path / "o"), "--adapter", str(tmp_path)])
+    assert err.value.code == 2
