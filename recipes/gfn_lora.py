@@ -31,9 +31,11 @@ import torch
 from gfn_tasks import TASKS, build_task  # recipes/gfn_tasks.py: the script's own folder
 
 from llmsample.config import help_field, run_recipe
-from llmsample.gfn import GFNConfig, GFNTrainer, add_lora
+from llmsample.gfn import GFNConfig, GFNTrainer, add_lora, smc_demonstrations
 from llmsample.provenance import provenance
 from llmsample.train.checkpoints import check_resume, signal_stop
+
+DEMONSTRATIONS = ("none", "references", "smc")
 
 
 @dataclass
@@ -51,11 +53,14 @@ class GFNRecipeConfig(GFNConfig):
     miss_penalty: float = help_field("keywords: log phi = -miss_penalty * (missing words)", 4.0)
     invalid_log_reward: float = help_field("uniform-number: log R of an invalid sequence", -10.0)
     coverage_beta: float = help_field("commongen: log phi = coverage_beta * (coverage - 1)", 8.0)
-    demonstrations: bool = help_field(
-        "commongen: seed the replay buffer with the training sets' human sentences "
-        "(off-policy rows, scored by the same reward; needs replay_fraction > 0)",
-        False,
+    demonstrations: str = help_field(
+        "commongen: off-policy rows that seed the replay buffer (scored by the same reward; "
+        "needs replay_fraction > 0): none | references (the training sets' human "
+        "sentences) | smc (the base model's covering SMC particles, llmsample.gfn.teacher; "
+        "cached in <out_dir>/teacher.jsonl)",
+        "none",
     )
+    teacher_particles: int = help_field("demonstrations=smc: SMC particles per prompt", 8)
 
     RESUMABLE_FIELDS = (*GFNConfig.RESUMABLE_FIELDS, "num_threads")
 
@@ -69,8 +74,34 @@ class GFNRecipeConfig(GFNConfig):
             raise ValueError("miss_penalty must be > 0")
         if not (self.coverage_beta > 0 and math.isfinite(self.coverage_beta)):
             raise ValueError(f"coverage_beta must be finite and > 0, got {self.coverage_beta}")
-        if self.demonstrations and self.task != "commongen":
+        if self.demonstrations not in DEMONSTRATIONS:
+            raise ValueError(
+                f"demonstrations must be one of {DEMONSTRATIONS}, got {self.demonstrations!r}"
+            )
+        if self.demonstrations != "none" and self.task != "commongen":
             raise ValueError(f"demonstrations: only the commongen task has them, not {self.task!r}")
+        if self.teacher_particles < 1:
+            raise ValueError(f"teacher_particles must be >= 1, got {self.teacher_particles}")
+
+
+def _demonstrations(cfg: GFNRecipeConfig, task, out: Path) -> list[list[str]] | None:
+    if cfg.demonstrations == "references":
+        return task.demonstrations
+    if cfg.demonstrations == "smc":
+        return smc_demonstrations(
+            task.model,
+            task.tokenizer,
+            task.prompts,
+            task.teacher_potential,
+            num_particles=cfg.teacher_particles,
+            max_new_tokens=task.max_new_tokens,
+            chat=task.chat,
+            stop_ids=task.stop_ids,
+            seed=cfg.seed,
+            cache=out / "teacher.jsonl",
+            progress=cfg.progress,
+        )
+    return None
 
 
 def main(cfg: GFNRecipeConfig) -> dict:
@@ -82,6 +113,7 @@ def main(cfg: GFNRecipeConfig) -> dict:
     if cfg.overwrite:  # the trainer deletes the checkpoints and metrics.jsonl
         shutil.rmtree(out / "adapter", ignore_errors=True)
         (out / "summary.json").unlink(missing_ok=True)
+        (out / "teacher.jsonl").unlink(missing_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     start = time.time()
@@ -95,6 +127,7 @@ def main(cfg: GFNRecipeConfig) -> dict:
             chat=task.chat,
         )
     )
+    demos = _demonstrations(cfg, task, out)  # before the adapter: SMC runs on the base model
     policy = add_lora(task.model, train_cfg)
     if task.bind is not None:
         task.bind(policy)
@@ -107,7 +140,7 @@ def main(cfg: GFNRecipeConfig) -> dict:
         stop_ids=task.stop_ids,
         evaluate=task.evaluate,
         run_config=cfg,
-        demonstrations=task.demonstrations if cfg.demonstrations else None,
+        demonstrations=demos,
     )
     result = trainer.train()
     prov = provenance(shlex.join(["python", *sys.argv]))

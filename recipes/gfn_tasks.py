@@ -19,8 +19,10 @@
   p_base(x|c) * exp(coverage_beta * (coverage - 1)): a soft coverage (a hard 0/1 gives
   most rollouts of a 135M model reward 0 and no gradient signal). The evaluation is the
   lm tasks' policy diagnostics on the first ``eval_prompts`` training sets. With
-  ``demonstrations: true`` the training sets' human sentences seed the replay buffer:
-  off-policy rows that cover every concept, scored by the same reward.
+  ``demonstrations: references`` the training sets' human sentences seed the replay
+  buffer, with ``demonstrations: smc`` the base model's covering SMC particles
+  (``llmsample.gfn.teacher``, the evals' smc-guard potential): off-policy rows, scored by
+  the same reward.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class GFNTask:
     bind: object = None  # (policy) -> None: rebuild model-based potentials on BaseView
     chat: bool = False  # prompts are user messages (the tokenizer's chat template)
     demonstrations: list[list[str]] | None = None  # per prompt, human replies (commongen)
+    teacher_potential: list | None = None  # per prompt, hard + prefix twist (commongen SMC)
 
 
 def _soft(texts: list[str]) -> list[float]:
@@ -175,7 +178,7 @@ def commongen_task(cfg) -> GFNTask:
     import llmsample
     from llmsample.data.commongen import commongen_prompt, load_commongen
     from llmsample.potentials import PerPrompt
-    from llmsample.potentials.concepts import ConceptCoverage
+    from llmsample.potentials.concepts import ConceptCoverage, Concepts
 
     model, tok = llmsample.load_model(cfg.model, device=cfg.device)
     train = load_commongen("train")
@@ -201,8 +204,20 @@ def commongen_task(cfg) -> GFNTask:
         )
 
     refs = [[commongen_reply(r) for r in train[i]["references"]] for i in rows]
+    # the evals' smc-guard potential: hard coverage, with its prefix twist
+    hard = [Concepts(*c, prefix_bonus=2.0) for c in sets]
     return GFNTask(
-        model, tok, prompts, potential, stop_ids, T, True, evaluate, chat=True, demonstrations=refs
+        model,
+        tok,
+        prompts,
+        potential,
+        stop_ids,
+        T,
+        True,
+        evaluate,
+        chat=True,
+        demonstrations=refs,
+        teacher_potential=hard,
     )
 
 

@@ -45,7 +45,11 @@ def test_recipe_config_validation():
     with pytest.raises(ValueError, match="miss_penalty"):
         GFNRecipeConfig(miss_penalty=0.0)
     with pytest.raises(ValueError, match="only the commongen task has them"):
-        GFNRecipeConfig(task="exact", demonstrations=True)
+        GFNRecipeConfig(task="exact", demonstrations="references")
+    with pytest.raises(ValueError, match="demonstrations must be one of"):
+        GFNRecipeConfig(task="commongen", demonstrations="true")
+    with pytest.raises(ValueError, match="teacher_particles"):
+        GFNRecipeConfig(task="commongen", demonstrations="smc", teacher_particles=0)
 
 
 def test_commongen_references_become_chat_replies():

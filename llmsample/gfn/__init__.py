@@ -14,6 +14,7 @@ from llmsample.gfn.losses import prefix_flows, subtrajectory_balance, trajectory
 from llmsample.gfn.replay import ReplayBuffer
 from llmsample.gfn.reward import BaseView, log_rewards, policy_diagnostics
 from llmsample.gfn.rollout import Rollouts, sample_rollouts
+from llmsample.gfn.teacher import smc_demonstrations
 from llmsample.gfn.trainer import GFNTrainer, LogZ, add_lora
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "policy_diagnostics",
     "prefix_flows",
     "sample_rollouts",
+    "smc_demonstrations",
     "subtrajectory_balance",
     "trajectory_balance",
     "vargrad",
