@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmsample.data.tasks import PREFIX_BONUS
 from llmsample.data.tasks import build_task as build_eval_task
 from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import BaseView, policy_diagnostics
@@ -205,7 +206,7 @@ def commongen_task(cfg) -> GFNTask:
 
     refs = [[commongen_reply(r) for r in train[i]["references"]] for i in rows]
     # the evals' smc-guard potential: hard coverage, with its prefix twist
-    hard = [Concepts(*c, prefix_bonus=2.0) for c in sets]
+    hard = [Concepts(*c, prefix_bonus=PREFIX_BONUS) for c in sets]
     return GFNTask(
         model,
         tok,

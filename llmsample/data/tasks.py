@@ -33,7 +33,11 @@ from dataclasses import dataclass, field
 from llmsample.data.shakespeare import DEFAULT_HELDOUT, list_plays, load_plays
 from llmsample.potentials import Contains, PerPrompt, Potential, SuffixLikelihood
 
-__all__ = ["Example", "Task", "build_task", "speeches", "TASKS"]
+__all__ = ["Example", "Task", "build_task", "speeches", "TASKS", "PREFIX_BONUS"]
+
+# the heuristic prefix twist of keywords/commongen (smc-twist rows, the SMC teacher):
+# log psi = PREFIX_BONUS x (words or concepts the prefix already covers)
+PREFIX_BONUS = 2.0
 
 _WORD = re.compile(r"[A-Za-z']+")
 STOPWORDS = set(
@@ -69,7 +73,7 @@ class Task:
         examples = self.examples if examples is None else examples
         if self.name == "line-infill":
             return SuffixLikelihood(model, tokenizer, [e.suffix for e in examples], as_twist=twist)
-        bonus = 2.0 if twist else 0.0
+        bonus = PREFIX_BONUS if twist else 0.0
         if self.name == "commongen":
             from llmsample.potentials.concepts import Concepts
 
