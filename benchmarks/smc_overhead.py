@@ -311,13 +311,13 @@ def build_parser():
 
 
 def parse_args():
-    """The flags, checked; --backend vllm's default --out is its own file."""
+    """The flags, checked; --backend vllm's default --out is its own file per K."""
     p = build_parser()
     args = p.parse_args()
     if "text" in args.potential and not args.model:
         p.error("--potential text decodes text: it needs --model (a model with a tokenizer)")
     if args.backend == "vllm" and args.out == p.get_default("out"):
-        args.out = "benchmarks/results/smc_vllm.json"
+        args.out = f"benchmarks/results/smc_vllm_K{args.block}.json"
     return args
 
 

@@ -52,7 +52,11 @@ class SMCvLLMConfig:
     prompts_per_call: int = help_field("concept sets per smc_generate call (a chunk)", 4)
     num_particles: int = help_field("particles N per concept set", 16)
     max_new_tokens: int = help_field("T", 32)
-    resample_every: int = help_field("K: tokens per vLLM call between resampling steps", 8)
+    resample_every: int = help_field(
+        "K: tokens per vLLM call between resampling steps (at least half the KV block: "
+        "below that, calls cost more than they compute; benchmarks/RESULTS.md)",
+        16,
+    )
     beta: float = help_field("ConceptCoverage sharpness (log phi = beta * (coverage - 1))", 3.0)
     chat: bool = help_field("encode prompts with the model's chat template", True)
     seed: int = help_field("a chunk's SMC seed is seed + its first concept set's index", 0)

@@ -175,7 +175,7 @@ def make_vllm_folder(path) -> str:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
-        max_position_embeddings=64,
+        max_position_embeddings=128,
         bos_token_id=EOS,
         eos_token_id=EOS,
         pad_token_id=EOS,
@@ -204,7 +204,7 @@ def vllm_engine(tmp_path_factory):
         dtype="float32",
         enable_prefix_caching=True,
         block_size=32,  # the smallest CPU KV block: particles share prefixes in 32s
-        max_model_len=64,
+        max_model_len=128,
         max_logprobs=-1,  # tempered proposals read the full log p vector
         enforce_eager=True,
         seed=0,

@@ -15,6 +15,7 @@ import llmsample
 from llmsample.diagnostics.exact import enumerate_target
 from llmsample.hf.prompts import encode_prompts
 from llmsample.proposals import LMProposal
+from llmsample.smc.blocks import block_ends
 from llmsample.vllm import VLLMBlocks
 
 PROMPTS = ["a b", "c d e f"]
@@ -82,7 +83,7 @@ def test_vllm_log_p_and_log_q_match_hf(vllm_engine, hf_model):
     tok = make_tokenizer()
     seq = encode_prompts(tok, ["a b c"]).input_ids[0].tolist()
     backend = VLLMBlocks(vllm_engine[0], LMProposal(temperature=1.5), [EOS])
-    (blk,) = backend.extend([seq], 3, [0])
+    (blk,) = backend.extend([seq], [3], [0])
     full = torch.tensor([seq + blk.tokens])
     with torch.no_grad():
         logits = hf_model(full).logits[0, len(seq) - 1 : -1].double()  # [k, V]
@@ -107,6 +108,35 @@ def test_resampled_particles_continue_from_the_prefix_cache(vllm_engine):
     P = len(tok(prompt).input_ids)
     requested = sum(8 * (P + t) for t in (0, 4, 8)) + 8 * 12  # every request's prompt + new
     assert out.num_forward_tokens < 0.5 * requested, (out.num_forward_tokens, requested)
+
+
+def test_aligned_blocks_recompute_one_token_per_particle(vllm_engine):
+    """Resampling at every block end, K = 32 = the KV block. Unaligned, each request
+    re-feeds its parent's last partial KV block; aligned (the default), block ends sit at
+    prompt + t = 1 (mod 32), so a request recomputes one token. Both counts are what the
+    cache arithmetic predicts: ((L - 1) mod 32) + 1 of a request of L tokens, plus its new
+    tokens."""
+    tok = make_tokenizer(with_pad=True)
+    prompt = " ".join("abcdefgh"[i % 8] for i in range(9))
+    P, N, T, K = len(tok(prompt).input_ids), 8, 80, 32
+    computed = {}
+    for align in (True, False):
+        cfg = llmsample.SMCConfig(
+            num_particles=N,
+            max_new_tokens=T,
+            resample_every=K,
+            ess_threshold=2.0,
+            seed=0,
+            align_blocks=align,
+        )
+        out = llmsample.smc_generate(vllm_engine[0], tok, [prompt], eos_token_id=[], config=cfg)
+        ends = block_ends(P, T, K, 32 if align else None)
+        assert out.ess.shape[1] == len(ends) and out.resampled[0, :-1].all()
+        starts = [0, *ends[:-1]]
+        expected = sum(N * ((P + a - 1) % 32 + 1 + b - a) for a, b in zip(starts, ends))
+        computed[align] = out.num_forward_tokens
+        assert out.num_forward_tokens == expected, (align, ends, out.num_forward_tokens)
+    assert computed[True] < computed[False]
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,13 @@ class SMCConfig:
         "stay exact)",
         1,
     )
+    align_blocks: bool = help_field(
+        "block SMC on a backend with a prefix cache (vLLM): resize each prompt's first "
+        "block (K/2 to 3K/2 tokens) so that block ends fall where the cache serves all of a "
+        "particle's prefix but one token (every end when resample_every is a multiple of "
+        "the KV block size); exact either way, only faster; ignored by the token engine",
+        True,
+    )
     seed: int | None = help_field("seed for proposals and resampling; None uses torch's RNG", None)
     reweight: bool = help_field(
         "False returns plain draws from the proposal (uniform weights, no log Z)", True
@@ -57,5 +64,7 @@ class SMCConfig:
         k = self.resample_every
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"resample_every must be an integer >= 1, got {self.resample_every!r}")
+        if not isinstance(self.align_blocks, bool):
+            raise ValueError(f"align_blocks must be True or False, got {self.align_blocks!r}")
         if not self.ess_threshold >= 0:
             raise ValueError(f"ess_threshold must be >= 0, got {self.ess_threshold}")

@@ -1,14 +1,16 @@
 """RunState: the tensors one SMC run carries from step to step.
 
-B prompts x N particles, rows prompt-major (row r = b * N + i), R = B * N. Every running
-row has drawn the same number of tokens ``t``; a finished row keeps its tokens (padded
-after its end) and its weight. The engine's steps (:mod:`llmsample.smc.steps`) read and
-update it; ``view`` hands potentials, twists and proposals a read-only
-:class:`~llmsample.particles.Particles` snapshot.
+B prompts x N particles, rows prompt-major (row r = b * N + i), R = B * N. In the token
+engine every running row has drawn the same number of tokens ``t``; in block SMC each
+prompt's running rows share theirs (``lengths``) and ``t`` is the widest row. A finished
+row keeps its tokens (padded after its end) and its weight. The engine's steps
+(:mod:`llmsample.smc.steps`) read and update it; ``view`` hands potentials, twists and
+proposals a read-only :class:`~llmsample.particles.Particles` snapshot.
 
     state = RunState.new(prompts, tokenizer, eos, N, T, V)
-    state.append(block, counts, done_now)   # rows take up to k new tokens each
-    state.reorder(index)                    # row r becomes old row index[r]
+    state.append(block, counts, done_now)         # rows take up to k new tokens each
+    state.append_ragged(block, counts, done_now)  # the same, each after its own length
+    state.reorder(index)                          # row r becomes old row index[r]
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class RunState:
     T: int
     V: int
     buf: Tensor  # [R, T] token ids, pad after each row's end
-    t: int = 0  # tokens drawn so far by every running row
+    t: int = 0  # width of the tokens so far: the longest row's length
     lengths: Tensor | None = None  # [R] real tokens of each row, EOS included
     finished: Tensor | None = None  # [R] bool
     log_w: Tensor | None = None  # [B, N] float64 unnormalized log weights
@@ -108,6 +110,19 @@ class RunState:
         self.buf[:, self.t : self.t + k] = block
         self.t += k
         self.lengths = self.lengths + counts
+        self.finished = self.finished | done_now
+
+    def append_ragged(self, block: Tensor, counts: Tensor, done_now: Tensor) -> None:
+        """As :meth:`append`, but row r writes its ``counts[r]`` tokens right after its own
+        ``lengths[r]`` (rows at different lengths, as in aligned block SMC)."""
+        k, device = block.shape[1], self.device
+        pos = torch.arange(k, device=device)[None, :]  # [1, k]
+        real = pos < counts[:, None]  # [R, k]
+        rows = torch.arange(self.R, device=device)[:, None].expand(-1, k)  # [R, k]
+        cols = self.lengths[:, None] + pos  # [R, k]
+        self.buf[rows[real], cols[real]] = block[real]
+        self.lengths = self.lengths + counts
+        self.t = int(self.lengths.max())
         self.finished = self.finished | done_now
 
     def reorder(self, index: Tensor) -> None:

@@ -114,9 +114,9 @@ def resample(
     running_bn = ~finished.view(B, N)
     log_w_run = log_w.masked_fill(~running_bn, -math.inf)  # the resampling pool
     n_run = running_bn.sum(dim=1)  # [B]
-    can = torch.isfinite(log_w_run.logsumexp(dim=1))  # some running row has weight > 0
-    last = state.t >= state.T
-    need = can & (ess(log_w_run) < cfg.ess_threshold * n_run) & (boundary and not last)
+    # some running row has weight > 0 (none is left once a prompt's rows reach T)
+    can = torch.isfinite(log_w_run.logsumexp(dim=1))
+    need = can & (ess(log_w_run) < cfg.ess_threshold * n_run) & boundary
     state.resampled_trace.append(need)
     any_need, all_done, bad_twist, bad_potential, bad_ref = torch.cat(
         [torch.stack([need.any(), finished.all()]), state.invalid]

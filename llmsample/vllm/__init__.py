@@ -7,7 +7,7 @@ README). ``smc_generate(llm, ...)`` with a ``vllm.LLM`` runs
     from vllm import LLM
     llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", enable_prefix_caching=True, block_size=32)
     out = llmsample.smc_generate(llm, None, ["..."], chat=True, potential=...,
-                                 config=llmsample.SMCConfig(num_particles=16, resample_every=8))
+                                 config=llmsample.SMCConfig(num_particles=16, resample_every=16))
 
 Each block is one ``llm.generate`` call with one request per running particle: its
 prompt and tokens so far as a ``TokensPrompt``, ``max_tokens`` = the block, a seed from
@@ -18,9 +18,11 @@ from its cache in whole KV blocks, so only the tail of the last block and the ne
 are computed (``computed_tokens`` counts them, from each request's ``num_cached_tokens``).
 Small blocks share more: on CPU the default is 128 tokens, the smallest ``block_size=32``.
 vLLM serves cached blocks only while at least one prompt token is left to compute, so a
-boundary where prompt length + t ≡ 1 (mod ``block_size``) re-feeds one token per particle
-(SmolLM2, 44-token prompt, K = 21: 1.00x vLLM's own ``n=N`` at N = 64, against 1.37x at
-K = 16; benchmarks/RESULTS.md).
+request of L tokens recomputes ((L - 1) mod ``block_size``) + 1 of them. Block SMC
+therefore places each prompt's block ends where prompt length + t = 1 (mod
+``block_size``) (``SMCConfig.align_blocks``, on by default; the first block holds K/2 to
+3K/2 tokens): every end when ``resample_every`` is a multiple of ``block_size``. SmolLM2,
+44-token prompt: benchmarks/RESULTS.md has the aligned and unaligned runs side by side.
 
 **Exact weights, from vLLM's public API.** The engine must run with
 ``logprobs_mode="raw_logprobs"`` (vLLM's default), so a token's logprob is the model's own
@@ -135,6 +137,9 @@ class VLLMBlocks:
         self.vocab_size = info.config.vocab_size
         self.eos = list(eos_token_ids)
         self.computed_tokens = 0
+        cache = llm.llm_engine.vllm_config.cache_config
+        unit = cache.prefix_match_unit or cache.block_size  # where a cache hit can end
+        self.kv_block_size = unit if cache.enable_prefix_caching else None
 
     def _params(self, max_tokens: int, seed: int | None):
         from vllm import SamplingParams
@@ -159,13 +164,13 @@ class VLLMBlocks:
         )
 
     def extend(
-        self, sequences: list[list[int]], max_tokens: int, seeds: list[int] | None
+        self, sequences: list[list[int]], max_tokens: list[int], seeds: list[int] | None
     ) -> list[Block]:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=s) for s in sequences]
         seeds = seeds if seeds is not None else [None] * len(sequences)
-        params = [self._params(max_tokens, s) for s in seeds]
+        params = [self._params(k, s) for k, s in zip(max_tokens, seeds)]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         blocks = []
         for seq, out in zip(sequences, outs):
