@@ -91,3 +91,6 @@ def test_a_rerun_may_match_its_cpu_vendors_summary(tmp_path, monkeypatch):
     own.unlink()
     assert reproduce(entry, rtol=0.05, variant=True)["updated"] and own.is_file()
     assert reproduce(entry, rtol=0.05)["ok"]
+    own.unlink()  # where summary.json matches, no vendor file is written
+    (tmp_path / "toy" / "summary.json").write_text(json.dumps({"trained": {"kl": 0.0093}}))
+    assert "updated" not in reproduce(entry, rtol=0.05, variant=True) and not own.exists()
