@@ -195,17 +195,17 @@ def reproduce(entry: Entry, rtol: float, update: bool = False, variant: bool = F
         if not main_ok and own.is_file():
             result = compare(_load(own), fresh, entry.sections, rtol) | dict(against=own.name)
         result["seconds"] = seconds
-        if variant and not main_ok:  # a vendor file only where summary.json does not match
-            target.mkdir(parents=True, exist_ok=True)
-            text = (out / "summary.json").read_text()
-            own.write_text(text.replace(str(out), f"evals/artifacts/results/{entry.name}"))
-            result["updated"] = True
+        # fresh file -> committed file; a vendor file only where summary.json does not match
+        writes = {}
+        if variant and not main_ok:
+            writes = {"summary.json": own}
         elif update:
-            target.mkdir(parents=True, exist_ok=True)
-            committed_dir = f"evals/artifacts/results/{entry.name}"
-            for name in entry.files:  # the commands inside name the committed folder
-                text = (out / name).read_text().replace(str(out), committed_dir)
-                (target / name).write_text(text)
+            writes = {name: target / name for name in entry.files}
+        committed_dir = f"evals/artifacts/results/{entry.name}"
+        for name, dest in writes.items():  # the commands inside name the committed folder
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text((out / name).read_text().replace(str(out), committed_dir))
+        if writes:
             result["updated"] = True
     return result
 
