@@ -84,12 +84,13 @@ def _bounds(model, tok, phi, targets, policy, quick: bool) -> list[dict]:
             *(torch.multinomial(t.log_sigma.exp(), runs, True, generator=gen) for t in targets)
         )
     ]
-    every = dict(ess_threshold=2.0)  # resample at every step
+    every = dict(ess_threshold=2.0, twist="none")  # resample at every step; phi's prefix
+    # scores (a valid twist) only where a row says twist="prefix"
     configs = [
         ("smc", every),
         ("smc-twist", every | dict(twist="prefix")),
         ("gfn-proposal", every | dict(proposal=policy)),
-        ("gfn-is", dict(proposal=policy, ess_threshold=0.0)),
+        ("gfn-is", dict(proposal=policy, ess_threshold=0.0, twist="none")),
         ("gfn-flow", every | dict(proposal=policy, twist=FlowTwist(policy, model, phi, TOY_EOS))),
     ]
     rows = []
@@ -172,8 +173,8 @@ def _run_cell(model, tok, phi, targets, policy, n: int, extra: dict, seeds) -> d
                 sampler, tok, PROMPTS, num_samples=n, potential=phi, max_new_tokens=T, seed=seed
             )
         else:
-            kw = dict(potential=phi, num_particles=n, max_new_tokens=T, seed=seed)
-            out = llmsample.smc_generate(model, tok, PROMPTS, **kw, **extra)
+            kw = dict(potential=phi, twist="none", num_particles=n, max_new_tokens=T, seed=seed)
+            out = llmsample.smc_generate(model, tok, PROMPTS, **(kw | extra))
         for b, target in enumerate(targets):
             lw = out.log_weights[b]
             ess = int(llmsample.smc.resampling.ess(lw))

@@ -181,7 +181,7 @@ def smc_generate(
     chat: bool = False,
     messages: list[list[dict]] | None = None,
     potential: Potential | None = None,
-    twist: str | Twist = "none",
+    twist: str | Twist = "auto",
     proposal: str | Proposal | nn.Module | None = None,
     num_particles: int | None = None,
     max_new_tokens: int | None = None,
@@ -210,7 +210,8 @@ def smc_generate(
     (:mod:`llmsample.diagnostics.bounds`).
 
     ``potential=None`` means phi = 1 (the target is the LM itself). ``twist`` is
-    'none', 'prefix' (the potential's prefix scores) or a :class:`Twist`;
+    'auto' (the potential's prefix scores when it has them: its constructor says, e.g.
+    ``prefix_bonus=``), 'prefix' (the same, required), 'none' or a :class:`Twist`;
     ``proposal`` is None (the base LM), 'optimal' (q ∝ p·psi, needs token-level
     twist scores), a :class:`Proposal`, another causal LM sharing the tokenizer, or
     'adapter' (below). ``stop_guard=True`` keeps the proposal from ending a reply that
@@ -296,6 +297,7 @@ def ancestral_generate(
     (``out.log_potential``), never used to weight."""
     _check_counts(num_samples=num_samples)
     cfg = dataclasses.replace(kwargs.pop("config", None) or SMCConfig(), reweight=False)
+    kwargs.setdefault("twist", "none")  # nothing is weighted, so nothing to twist
     return smc_generate(
         model,
         tokenizer,

@@ -180,7 +180,7 @@ class LocallyOptimal(Proposal):
         if twist_scores is None:
             raise ValueError(
                 "the locally optimal proposal needs a twist that scores every next token "
-                "(e.g. twist='prefix' with a token-level potential such as TokenMask)"
+                "(the default twist of a token-level potential such as TokenMask, not twist='none')"
             )
         joint = base_logp.double() + twist_scores  # [R, V]
         logq = torch.log_softmax(joint, dim=-1)

@@ -9,11 +9,12 @@ the final weights are exact for sigma whatever the twist (as long as psi > 0 whe
 sigma has mass). A good twist only lowers variance.
 
 Sources here: :class:`NoTwist` (psi = 1, plain SMC), :class:`PotentialTwist` (a
-potential's own prefix scores). A learned twist subclasses :class:`Twist`: it may keep
-per-row state (e.g. its own KV cache) through ``start``/``advance``/``reorder``,
-which the engine calls exactly as for the base model's cache, and find the state of
-the rows it is asked about by their numbers ``x.rows``, as
-:class:`~llmsample.ctl.head.LearnedTwist` does (a head trained by :mod:`llmsample.ctl`).
+potential's own prefix scores, which a run uses by default: :func:`resolve_twist`). A
+learned twist subclasses :class:`Twist`: it may keep per-row state (e.g. its own KV
+cache) through ``start``/``advance``/``reorder``, which the engine calls exactly as for
+the base model's cache, and find the state of the rows it is asked about by their
+numbers ``x.rows``, as :class:`~llmsample.ctl.head.LearnedTwist` does (a head trained
+by :mod:`llmsample.ctl`).
 """
 
 from __future__ import annotations
@@ -121,19 +122,33 @@ class PotentialTwist(Twist):
 
 
 def resolve_twist(twist, potential: Potential | None) -> Twist:
-    """The twist a run asks for: a :class:`Twist` as is, ``"none"``/None, or ``"prefix"``
-    (the potential's own prefix scores, :class:`PotentialTwist`)."""
+    """The twist a run asks for. A potential says once, when it is built, whether it scores
+    prefixes (``has_prefix``: e.g. ``Contains(..., prefix_bonus=2)``,
+    ``SuffixLikelihood(..., as_twist=True)``, ``TokenMask``); the run then twists with
+    those scores unless told otherwise:
+
+    - ``"auto"`` (the default): :class:`PotentialTwist` when the potential has prefix
+      scores, else :class:`NoTwist`;
+    - ``"prefix"``: the same, but an error when it has none (a run that must twist);
+    - ``"none"`` or None: psi = 1 (the potential scores only complete sequences);
+    - a :class:`Twist` (a learned one): as is.
+    """
     if isinstance(twist, Twist):
         return twist
     if twist in (None, "none"):
         return NoTwist()
-    if twist == "prefix":
-        if potential is None:
-            raise ValueError("twist='prefix' needs a potential to take prefix scores from")
-        if not potential.has_prefix:
-            raise ValueError(
-                f"twist='prefix' but {potential!r} has no prefix scores; use twist='none' or "
-                "a potential with prefix scores (e.g. Regex(..., mode='fullmatch'), TokenMask)"
-            )
+    if twist not in ("auto", "prefix"):
+        raise ValueError(
+            f"twist must be 'auto', 'prefix', 'none' or a Twist instance, got {twist!r}"
+        )
+    if potential is not None and potential.has_prefix:
         return PotentialTwist(potential)
-    raise ValueError(f"twist must be 'none', 'prefix' or a Twist instance, got {twist!r}")
+    if twist == "auto":
+        return NoTwist()
+    if potential is None:
+        raise ValueError("twist='prefix' needs a potential to take prefix scores from")
+    raise ValueError(
+        f"twist='prefix' but {potential!r} has no prefix scores; use twist='none' or a "
+        "potential with prefix scores (e.g. Regex(..., mode='fullmatch'), TokenMask, "
+        "Contains(..., prefix_bonus=2))"
+    )

@@ -131,7 +131,7 @@ def _replica(cfg: SMCvLLMConfig, r: int, chunks: list[list[dict]], part: str) ->
             )
             prompts = [commongen_prompt(w["words"]) for w in rows]
             out = llmsample.smc_generate(
-                llm, None, prompts, chat=cfg.chat, potential=phi, twist="prefix", config=smc
+                llm, None, prompts, chat=cfg.chat, potential=phi, config=smc
             )
             best = out.best()
             lines = [

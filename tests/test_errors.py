@@ -146,7 +146,7 @@ def test_proposal_vocab_mismatch(gpt2, tok):
 def test_bad_proposal_and_twist_types(gpt2, tok):
     with pytest.raises(ValueError, match="proposal must be"):
         smc_generate(gpt2, tok, ["a"], proposal="greedy", **FAST)
-    with pytest.raises(ValueError, match="twist must be 'none', 'prefix'"):
+    with pytest.raises(ValueError, match="twist must be 'auto', 'prefix', 'none'"):
         smc_generate(gpt2, tok, ["a"], twist="learned", **FAST)
 
 
@@ -159,7 +159,8 @@ def test_prefix_twist_needs_prefix_scores(gpt2, tok):
 
 def test_optimal_proposal_needs_token_level_twist(gpt2, tok):
     with pytest.raises(ValueError, match="locally optimal proposal needs a twist"):
-        smc_generate(gpt2, tok, ["a"], potential=TokenMask(banned=[0]), proposal="optimal", **FAST)
+        mask = TokenMask(banned=[0])
+        smc_generate(gpt2, tok, ["a"], potential=mask, twist="none", proposal="optimal", **FAST)
     # a prefix twist without token scores (Regex) is not enough either
     with pytest.raises(ValueError, match="locally optimal proposal needs a twist"):
         smc_generate(

@@ -141,6 +141,33 @@ def test_same_seed_same_output_different_seed_differs(gpt2, tok):
     assert a.sequences.shape != c.sequences.shape or not torch.equal(a.sequences, c.sequences)
 
 
+def test_twist_is_switched_once_by_the_potential(gpt2, tok):
+    """The default twist ('auto') is the potential's prefix score when its constructor
+    gave it one, else none: the same runs as naming 'prefix' or 'none' explicitly."""
+    from llmsample.twists import NoTwist, PotentialTwist, resolve_twist
+
+    bonus, plain = Contains("a", prefix_bonus=2.0), Contains("a")
+    assert isinstance(resolve_twist("auto", None), NoTwist)
+    assert isinstance(resolve_twist("auto", plain), NoTwist)
+    auto = resolve_twist("auto", bonus)
+    assert isinstance(auto, PotentialTwist) and auto.potential is bonus
+    assert isinstance(resolve_twist("none", bonus), NoTwist)
+    runs = {}
+    for name, phi, twist in [
+        ("auto-bonus", bonus, None),
+        ("prefix", bonus, "prefix"),
+        ("off", bonus, "none"),
+        ("auto-plain", plain, None),
+        ("none-plain", plain, "none"),
+    ]:
+        kw = SMC | {"potential": phi} | ({} if twist is None else {"twist": twist})
+        runs[name] = smc_generate(gpt2, tok, PROMPTS, **kw)
+    assert_same_output(runs["auto-bonus"], runs["prefix"])
+    assert_same_output(runs["auto-plain"], runs["none-plain"])
+    # the twist changes the run: the same potential with it switched off differs
+    assert not torch.equal(runs["auto-bonus"].ess, runs["off"].ess)
+
+
 def test_config_plus_overriding_kwarg(gpt2, tok):
     cfg = SMCConfig(
         num_particles=3, max_new_tokens=5, seed=7, resampling="multinomial", ess_threshold=2.0

@@ -83,7 +83,7 @@ def test_finished_particles_survive_resampling(setup):
     runs, N = 20, 32
     # no twist and q = p: running rows always share one weight (1, preserved by resampling),
     # so every final weight is exactly phi and Z_hat is the mean of phi over all N rows
-    out = run(model, tok, runs, num_particles=N, resampling="multinomial")
+    out = run(model, tok, runs, twist="none", num_particles=N, resampling="multinomial")
     assert out.resampled[:, :2].all()  # resampled at steps 0 and 1 (rows finish at step 0)
     torch.testing.assert_close(out.log_weights_unnormalized, out.log_potential)
     torch.testing.assert_close(out.log_z, out.log_potential.logsumexp(1) - math.log(N))

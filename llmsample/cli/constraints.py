@@ -80,11 +80,15 @@ def product(parts: list):
 
 
 def choose_twist(args, potential) -> str:
-    """--twist resolved: 'auto' is 'prefix' when the potential has prefix scores."""
-    has_prefix = potential is not None and potential.has_prefix
-    if args.twist == "prefix" and not has_prefix:
+    """--twist resolved as a library run resolves it (:func:`llmsample.twists.resolve_twist`):
+    'prefix' when SMC will twist with the potential's prefix scores, else 'none'."""
+    from llmsample.twists import PotentialTwist, resolve_twist
+
+    try:
+        twist = resolve_twist(args.twist, potential)
+    except ValueError:
         raise UsageError(
             "--twist prefix needs a potential with prefix scores: --contains or --concept "
             "(with --bonus > 0) or --infill-suffix; or use --twist none"
-        )
-    return "prefix" if args.twist == "prefix" or (args.twist == "auto" and has_prefix) else "none"
+        ) from None
+    return "prefix" if isinstance(twist, PotentialTwist) else "none"

@@ -103,7 +103,7 @@ def run_demo(args) -> dict:
     )
     t1 = time.perf_counter()
     smc = llmsample.smc_generate(
-        model, tok, prompts, potential=twisted_phi, twist="prefix", num_particles=N, **common
+        model, tok, prompts, potential=twisted_phi, num_particles=N, **common
     )
     t2 = time.perf_counter()
 

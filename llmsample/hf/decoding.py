@@ -352,7 +352,7 @@ def smc_decoding(
     *,
     potential: Potential | None = None,
     num_particles: int | None = None,
-    twist="none",
+    twist="auto",
     tokenizer=None,
     resampling: str | None = None,
     ess_threshold: float | None = None,

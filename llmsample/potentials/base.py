@@ -11,7 +11,9 @@ rows:
 - ``complete(x) -> [R]``: log phi of complete continuations (ended by EOS or cut at
   ``max_new_tokens``; the text excludes EOS). Required.
 - ``prefix(x) -> [R]``: log of a prefix score usable as an SMC twist psi_t
-  (``has_prefix`` says whether it is informative; the default is psi = 1). A twist
+  (``has_prefix`` says whether it is informative; the default is psi = 1). A run twists
+  with it by default (``smc_generate(twist="auto")``), so the potential's constructor
+  is the one place that switches a prefix twist on (e.g. ``prefix_bonus=``). A twist
   must be > 0 wherever the posterior has mass: for a hard constraint, prefix score 0
   must mean "no completion can satisfy it".
 - ``token_scores(x) -> [R, V] | None``: the score of every one-token extension at
