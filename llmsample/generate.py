@@ -286,11 +286,11 @@ def ancestral_generate(
     tokenizer=None,
     prompts: str | list[str] | None = None,
     *,
+    potential: Potential | None = None,
     num_samples: int = 16,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    potential: Potential | None = None,
     **kwargs,
 ) -> SamplingOutput:
     """Plain ancestral sampling; weights are uniform. ``potential`` is only evaluated

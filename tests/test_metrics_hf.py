@@ -57,6 +57,11 @@ def test_add_batch_then_compute_accumulates():
 
 
 def test_metric_info_and_shape_errors():
+    import llmsample.metrics.hf as hf
+
+    assert [getattr(hf, name).__name__ for name in hf.__all__] == hf.__all__
+    names = "bleu rouge google_bleu self_bleu distinct ngram_entropy unique_ratio vendi"
+    assert [getattr(hf, n)().name for n in hf.__all__] == [*names.split(), "embedding_diversity"]
     m = BLEU()
     assert m.name == "bleu" and "sacrebleu" in m.description and m.citation
     assert set(m.features) == {"predictions", "references"}

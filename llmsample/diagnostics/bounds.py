@@ -157,17 +157,10 @@ class LogZBounds:
 
 
 def log_z_bounds(
-    model,
-    tokenizer,
-    prompts,
-    potential,
-    num_particles: int,
-    seeds: Iterable[int],
-    references: Sequence[Sequence[Reference]],
-    **smc_kwargs,
+    model, tokenizer, prompts, potential, num_particles: int, seeds, references, **smc_kwargs
 ) -> LogZBounds:
     """Both bounds with the same settings: S = len(seeds) plain SMC runs and S conditional
-    SMC runs (``references[s][b]``, see :func:`log_z_upper`). Resampling defaults to
+    SMC runs (``references[s][b]``; the arguments are :func:`log_z_upper`'s). Resampling defaults to
     multinomial here (unless ``resampling=`` or ``config=`` says otherwise), the scheme of
     the conditional runs, so that the gap bounds the KL of one sampler."""
     seeds = list(seeds)

@@ -76,24 +76,18 @@ class GFNConfig(TrainConfig):
         [],
     )
     # exploration
-    tempered_fraction: float = help_field(
-        "fraction of steps that sample at a random temperature", 0.5
-    )
+    tempered_fraction: float = help_field("share of steps sampled at a random temperature", 0.5)
     temperature_min: float = help_field("lowest exploration temperature", 0.7)
     temperature_max: float = help_field("highest exploration temperature", 2.0)
     epsilon_start: float = help_field("epsilon-uniform mixing at step 0", 0.05)
     epsilon_end: float = help_field("epsilon-uniform mixing at the last step (linear)", 0.0)
-    replay_fraction: float = help_field(
-        "fraction of each prompt's K taken from the replay buffer", 0.25
-    )
+    replay_fraction: float = help_field("share of each prompt's K drawn from replay", 0.25)
     replay_capacity: int = help_field("distinct sequences kept per prompt (top reward)", 512)
     replay_temperature: float = help_field("replay picks x with prob. prop. to R(x)^(1/this)", 1.0)
     # bookkeeping (TrainConfig's fields, with this method's defaults and help)
     seed: int = help_field("seed of sampling, replay and initialization", 0)
     out_dir: str = help_field("checkpoints, metrics.jsonl and the final adapter go here", "out/gfn")
-    eval_every: int = help_field(
-        "run the task's evaluation every this many steps (0 = end only)", 50
-    )
+    eval_every: int = help_field("evaluate the task every this many steps (0 = end only)", 50)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -52,12 +52,18 @@ _GROUP_INPUTS = """
 
 
 class _Offline(evaluate.Metric):
-    """An evaluate.Metric built locally (no hub script), in memory by default."""
+    """An evaluate.Metric built locally (no hub script), in memory by default.
+
+    ``compute`` calls ``_fn(predictions, **kwargs)``. A quality metric (``_key`` None)
+    returns the function's dict as is; a diversity metric returns
+    ``{_key: mean, "per_prompt": [...]}``, with ``{n}`` in ``_key`` filled from the
+    ``n=`` keyword (default 1)."""
 
     _description = ""
     _citation = ""
     _features = _GROUP_FEATURES
     _inputs = _GROUP_INPUTS
+    _key: str | None = None
 
     def __init__(self, keep_in_memory: bool = True, **kwargs):
         super().__init__(keep_in_memory=keep_in_memory, **kwargs)
@@ -70,84 +76,101 @@ class _Offline(evaluate.Metric):
             features=self._features,
         )
 
-
-class _Quality(_Offline):
-    _features = _QUALITY_FEATURES
-    _inputs = _QUALITY_INPUTS
-
-
-class BLEU(_Quality):
-    _description = "Corpus BLEU (sacrebleu) with signature, and sentence BLEU (effective order)."
-    _citation = "Post, A Call for Clarity in Reporting BLEU Scores, WMT 2018."
-
-    def _compute(self, predictions, references, **kwargs):
-        return quality.bleu(predictions, references, **kwargs)
-
-
-class ROUGE(_Quality):
-    _description = "ROUGE-1/2/L F1 (rouge-score, stemmed), plain mean over predictions."
-    _citation = "Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004."
-
-    def _compute(self, predictions, references):
-        return quality.rouge(predictions, references)
-
-
-class GoogleBLEU(_Quality):
-    _description = "Google-BLEU (GLEU, nltk), lowercased whitespace tokens."
-    _citation = "Wu et al., Google's Neural Machine Translation System, 2016."
-
-    def _compute(self, predictions, references, **kwargs):
-        return quality.google_bleu(predictions, references, **kwargs)
-
-
-def _named(name: str, res: dict) -> dict:
-    return {name: res["mean"], "per_prompt": res["per_prompt"]}
-
-
-class SelfBLEU(_Offline):
-    _description = "Self-BLEU: each sample's sentence BLEU against the rest of its prompt's group."
-    _citation = "Zhu et al., Texygen: A Benchmarking Platform for Text Generation Models, 2018."
+    @staticmethod
+    def _fn(predictions, **kwargs) -> dict:
+        raise NotImplementedError("a metric of this module sets _fn")
 
     def _compute(self, predictions, **kwargs):
-        return _named("self_bleu", diversity.self_bleu(predictions, **kwargs))
+        res = self._fn(predictions, **kwargs)  # quality metrics get references= here
+        if self._key is None:
+            return res
+        key = self._key.format(n=kwargs.get("n", 1))
+        return {key: res["mean"], "per_prompt": res["per_prompt"]}
 
 
-class Distinct(_Offline):
-    _description = "Distinct-n: unique / total whitespace n-grams per prompt (compute(n=...))."
-    _citation = "Li et al., A Diversity-Promoting Objective Function for Neural Conversation, 2016."
+def _embedding_diversity(predictions, model_name_or_path: str | None = None) -> dict:
+    from llmsample.metrics.embedding import embedding_diversity  # imports sentence encoders
 
-    def _compute(self, predictions, n: int = 1):
-        return _named(f"distinct_{n}", diversity.distinct_n(predictions, n))
+    return embedding_diversity(predictions, model_name_or_path)
 
 
-class NgramEntropy(_Offline):
-    _description = "Shannon entropy (nats) of the n-gram distribution of each prompt's samples."
-    _citation = "Zhang et al., Generating Informative and Diverse Conversational Responses, 2018."
+# class name: (wrapped function, result key or None for a quality metric, description,
+# citation)
+_METRICS = {
+    "BLEU": (
+        quality.bleu,
+        None,
+        "Corpus BLEU (sacrebleu) with signature, and sentence BLEU (effective order).",
+        "Post, A Call for Clarity in Reporting BLEU Scores, WMT 2018.",
+    ),
+    "ROUGE": (
+        quality.rouge,
+        None,
+        "ROUGE-1/2/L F1 (rouge-score, stemmed), plain mean over predictions.",
+        "Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004.",
+    ),
+    "GoogleBLEU": (
+        quality.google_bleu,
+        None,
+        "Google-BLEU (GLEU, nltk), lowercased whitespace tokens.",
+        "Wu et al., Google's Neural Machine Translation System, 2016.",
+    ),
+    "SelfBLEU": (
+        diversity.self_bleu,
+        "self_bleu",
+        "Self-BLEU: each sample's sentence BLEU against the rest of its prompt's group.",
+        "Zhu et al., Texygen: A Benchmarking Platform for Text Generation Models, 2018.",
+    ),
+    "Distinct": (
+        diversity.distinct_n,
+        "distinct_{n}",
+        "Distinct-n: unique / total whitespace n-grams per prompt (compute(n=...)).",
+        "Li et al., A Diversity-Promoting Objective Function for Neural Conversation, 2016.",
+    ),
+    "NgramEntropy": (
+        diversity.ngram_entropy,
+        "entropy_{n}",
+        "Shannon entropy (nats) of the n-gram distribution of each prompt's samples.",
+        "Zhang et al., Generating Informative and Diverse Conversational Responses, 2018.",
+    ),
+    "UniqueRatio": (
+        diversity.unique_ratio,
+        "unique_ratio",
+        "Distinct texts / samples of each prompt.",
+        "",
+    ),
+    "Vendi": (
+        diversity.vendi_score,
+        "vendi",
+        "Vendi score (n-gram cosine kernel by default) of each prompt's samples.",
+        "Friedman and Dieng, The Vendi Score: A Diversity Evaluation Metric, 2023.",
+    ),
+    "EmbeddingDiversity": (
+        _embedding_diversity,
+        "embedding_diversity",
+        "1 - mean pairwise cosine of all-MiniLM-L6-v2 embeddings, per prompt.",
+        "Reimers and Gurevych, Sentence-BERT, 2019.",
+    ),
+}
 
-    def _compute(self, predictions, n: int = 1):
-        return _named(f"entropy_{n}", diversity.ngram_entropy(predictions, n))
+
+def _metric_class(name: str, fn, key: str | None, description: str, citation: str) -> type:
+    """The evaluate.Metric subclass ``name`` (its lowercased name is the metric's name)."""
+    body = dict(_fn=staticmethod(fn), _key=key, _description=description, _citation=citation)
+    if key is None:
+        body.update(_features=_QUALITY_FEATURES, _inputs=_QUALITY_INPUTS)
+    body.update(__module__=__name__, __qualname__=name, __doc__=description)
+    return type(name, (_Offline,), body)
 
 
-class UniqueRatio(_Offline):
-    _description = "Distinct texts / samples of each prompt."
-
-    def _compute(self, predictions):
-        return _named("unique_ratio", diversity.unique_ratio(predictions))
-
-
-class Vendi(_Offline):
-    _description = "Vendi score (n-gram cosine kernel by default) of each prompt's samples."
-    _citation = "Friedman and Dieng, The Vendi Score: A Diversity Evaluation Metric, 2023."
-
-    def _compute(self, predictions, **kwargs):
-        return _named("vendi", diversity.vendi_score(predictions, **kwargs))
-
-
-class EmbeddingDiversity(_Offline):
-    _description = "1 - mean pairwise cosine of all-MiniLM-L6-v2 embeddings, per prompt."
-    _citation = "Reimers and Gurevych, Sentence-BERT, 2019."
-
-    def _compute(self, predictions, model_name_or_path: str | None = None):
-        from llmsample.metrics.embedding import embedding_diversity
-
-        return _named("embedding_diversity", embedding_diversity(predictions, model_name_or_path))
+(
+    BLEU,
+    ROUGE,
+    GoogleBLEU,
+    SelfBLEU,
+    Distinct,
+    NgramEntropy,
+    UniqueRatio,
+    Vendi,
+    EmbeddingDiversity,
+) = (_metric_class(name, *row) for name, row in _METRICS.items())

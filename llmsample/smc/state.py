@@ -34,6 +34,8 @@ class RunState:
     N: int
     T: int
     V: int
+    B: int  # prompts
+    device: torch.device  # where every tensor of the run lives
     buf: Tensor  # [R, T] token ids, pad after each row's end
     t: int = 0  # width of the tokens so far: the longest row's length
     lengths: Tensor | None = None  # [R] real tokens of each row, EOS included
@@ -60,6 +62,8 @@ class RunState:
             N=N,
             T=T,
             V=V,
+            B=B,
+            device=device,
             buf=torch.full((R, T), prompts.pad_token_id, dtype=torch.long, device=device),
             lengths=torch.zeros(R, dtype=torch.long, device=device),
             finished=torch.zeros(R, dtype=torch.bool, device=device),
@@ -72,16 +76,9 @@ class RunState:
         )
 
     @property
-    def B(self) -> int:
-        return self.log_w.shape[0]
-
-    @property
     def R(self) -> int:
-        return self.buf.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.buf.device
+        """Rows: B * N."""
+        return self.B * self.N
 
     @property
     def tokens(self) -> Tensor:
