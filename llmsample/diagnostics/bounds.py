@@ -160,9 +160,9 @@ def log_z_bounds(
     model, tokenizer, prompts, potential, num_particles: int, seeds, references, **smc_kwargs
 ) -> LogZBounds:
     """Both bounds with the same settings: S = len(seeds) plain SMC runs and S conditional
-    SMC runs (``references[s][b]``; the arguments are :func:`log_z_upper`'s). Resampling defaults to
-    multinomial here (unless ``resampling=`` or ``config=`` says otherwise), the scheme of
-    the conditional runs, so that the gap bounds the KL of one sampler."""
+    SMC runs (``references[s][b]``; the arguments are :func:`log_z_upper`'s). Resampling
+    defaults to multinomial here (unless ``resampling=`` or ``config=`` says otherwise),
+    the scheme of the conditional runs, so that the gap bounds the KL of one sampler."""
     seeds = list(seeds)
     if "config" not in smc_kwargs:
         smc_kwargs.setdefault("resampling", "multinomial")
