@@ -119,10 +119,10 @@ def run_generate(args) -> dict:
 def _never_resampled_hint(twist: str) -> None:
     if twist == "none":
         note(
-            "hint: SMC never resampled: with --twist none the constraint is checked only on "
-            "finished continuations, so every particle kept the same weight until then (this "
-            "was importance sampling); --twist prefix resamples on prefix scores (--bonus > 0 "
-            "for --contains/--concept)"
+            "hint: SMC never resampled: without a prefix twist the constraint is checked only "
+            "on finished continuations, so every particle kept the same weight until then "
+            "(this was importance sampling); --twist prefix resamples on prefix scores (--bonus "
+            "> 0 for --contains/--concept; --infill-suffix twists only under --twist prefix)"
         )
     else:
         note(
