@@ -158,9 +158,14 @@ def test_prefix_twist_needs_prefix_scores(gpt2, tok):
 
 
 def test_optimal_proposal_needs_token_level_twist(gpt2, tok):
+    mask = TokenMask(banned=[0])
     with pytest.raises(ValueError, match="locally optimal proposal needs a twist"):
-        mask = TokenMask(banned=[0])
         smc_generate(gpt2, tok, ["a"], potential=mask, twist="none", proposal="optimal", **FAST)
+    # by default the run twists with the mask's token scores, so q never proposes token 0
+    # (128 proposed tokens of V = 9: an ignored mask would show it with prob. 1 - 3e-7)
+    many = FAST | dict(num_particles=32)
+    out = smc_generate(gpt2, tok, ["a"], potential=mask, proposal="optimal", **many)
+    assert out.sequences.numel() and not (out.continuations == 0).any()
     # a prefix twist without token scores (Regex) is not enough either
     with pytest.raises(ValueError, match="locally optimal proposal needs a twist"):
         smc_generate(
