@@ -17,6 +17,8 @@ Importing this module imports ``evaluate``, which itself imports ``transformers`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import datasets
 import evaluate
 
@@ -64,6 +66,7 @@ class _Offline(evaluate.Metric):
     _features = _GROUP_FEATURES
     _inputs = _GROUP_INPUTS
     _key: str | None = None
+    _fn: Callable[..., dict]  # the wrapped function, set by _metric_class
 
     def __init__(self, keep_in_memory: bool = True, **kwargs):
         super().__init__(keep_in_memory=keep_in_memory, **kwargs)
@@ -75,10 +78,6 @@ class _Offline(evaluate.Metric):
             inputs_description=self._inputs,
             features=self._features,
         )
-
-    @staticmethod
-    def _fn(predictions, **kwargs) -> dict:
-        raise NotImplementedError("a metric of this module sets _fn")
 
     def _compute(self, predictions, **kwargs):
         res = self._fn(predictions, **kwargs)  # quality metrics get references= here
