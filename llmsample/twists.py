@@ -35,6 +35,7 @@ __all__ = [
     "PotentialReader",
     "RUN_POTENTIAL",
     "resolve_twist",
+    "effective_twist",
 ]
 
 RUN_POTENTIAL = "run"  # a twist built with this takes the SMC run's potential at bind
@@ -152,3 +153,17 @@ def resolve_twist(twist, potential: Potential | None) -> Twist:
         "potential with prefix scores (e.g. Regex(..., mode='fullmatch'), TokenMask, "
         "Contains(..., prefix_bonus=2))"
     )
+
+
+def effective_twist(twist: Twist, *, resamples: bool, proposal_reads_scores: bool) -> Twist:
+    """The twist a run evaluates: ``twist``, or :class:`NoTwist` when it cannot change the
+    output. A run that never resamples (importance sampling, ``ess_threshold=0``) with a
+    proposal that does not read the twist's token scores only adds log psi_t - log psi_{t-1}
+    to each weight, and a row that completes swaps its last log psi for log phi: the psi
+    terms telescope away, so every particle and every final weight is the same (up to float
+    rounding) without them, while each step's prefix scoring is wasted work (a model pass
+    per step for ``SuffixLikelihood(as_twist=True)``). Only the per-step ESS trace differs:
+    it then follows the untwisted weights."""
+    if resamples or proposal_reads_scores:
+        return twist
+    return NoTwist()

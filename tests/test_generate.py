@@ -248,6 +248,29 @@ def test_importance_never_resamples_and_best(gpt2, tok):
         torch.testing.assert_close(out.log_z[b], expected_log_z)
 
 
+def test_importance_skips_the_twist_it_cannot_use(gpt2, tok, monkeypatch):
+    """A run that never resamples does not score prefixes for the twist: the psi terms
+    telescope away (q = p, so the weights are phi exactly), and the output is the untwisted
+    run's. Where a run can resample, or the proposal reads token scores, the twist is kept."""
+    from llmsample.potentials import TokenMask
+
+    bonus = Contains("a", prefix_bonus=2.0)
+    calls = []
+    real = bonus.prefix
+    monkeypatch.setattr(bonus, "prefix", lambda x: calls.append(x.num_rows) or real(x))
+    kw = dict(potential=bonus, num_particles=8, max_new_tokens=6, seed=4)
+    out = llmsample.importance_generate(gpt2, tok, PROMPTS, **kw)
+    assert calls == []
+    torch.testing.assert_close(out.log_weights_unnormalized, out.log_potential)
+    assert_same_output(out, llmsample.importance_generate(gpt2, tok, PROMPTS, twist="none", **kw))
+    smc_generate(gpt2, tok, PROMPTS, ess_threshold=2.0, **kw)
+    assert calls  # the same potential twists a run that can resample
+    # the locally optimal proposal reads the mask's token scores: never proposes token 0
+    kw = dict(potential=TokenMask(banned=[0]), num_particles=32, max_new_tokens=4, seed=0)
+    out = llmsample.importance_generate(gpt2, tok, ["a"], proposal="optimal", **kw)
+    assert out.sequences.numel() and not (out.continuations == 0).any()
+
+
 def test_ancestral_uniform_weights(gpt2, tok):
     N = 5
     out = llmsample.ancestral_generate(

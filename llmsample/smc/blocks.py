@@ -53,7 +53,7 @@ from llmsample.smc.conditional import FreeAncestry
 from llmsample.smc.config import SMCConfig
 from llmsample.smc.state import RunState
 from llmsample.smc.steps import finalize, resample, reweight, score
-from llmsample.twists import NoTwist, Twist
+from llmsample.twists import NoTwist, Twist, effective_twist
 
 __all__ = ["Block", "BlockBackend", "block_ends", "run_smc_blocks"]
 
@@ -134,7 +134,9 @@ def run_smc_blocks(
     method: str = "smc",
 ) -> SamplingOutput:
     """Run block SMC for every prompt of ``prompts``; see the module docstring."""
-    twist = twist or NoTwist()
+    twist = effective_twist(
+        twist or NoTwist(), resamples=cfg.ess_threshold > 0, proposal_reads_scores=False
+    )
     prompts = prompts.to("cpu")
     N, T, K = cfg.num_particles, cfg.max_new_tokens, cfg.resample_every
     eos = torch.as_tensor(eos_token_ids or [], dtype=torch.long)

@@ -8,7 +8,9 @@ For B prompts with N particles each (rows prompt-major), for t = 1..T:
    stands (sigma has none there either), so fewer particles die at a hard constraint.
 2. **Reweight.** log w += log p(x_t) - log q(x_t) + log psi_t(x_<=t) - log psi_{t-1}.
    A row that completes (x_t is EOS, or t = T) uses log phi instead of log psi_t,
-   and from then on its tokens and weight are frozen.
+   and from then on its tokens and weight are frozen. A run that never resamples
+   (``ess_threshold=0``) drops the twist unless the proposal reads its token scores: the
+   psi terms telescope away (:func:`llmsample.twists.effective_twist`).
 3. **Resample (partial, among running rows only)**, after every ``resample_every``-th
    token (default: every token). Per prompt, let A be its rows
    still running. When ESS(w_A) / |A| < ``ess_threshold`` (and some running row has
@@ -64,7 +66,7 @@ from llmsample.smc.conditional import Ancestry, ConditionalAncestry, FreeAncestr
 from llmsample.smc.config import SMCConfig
 from llmsample.smc.state import RunState
 from llmsample.smc.steps import finalize, resample, reweight, score, score_rows
-from llmsample.twists import NoTwist, Twist
+from llmsample.twists import NoTwist, Twist, effective_twist
 
 __all__ = ["SMCConfig", "run_smc"]
 
@@ -132,7 +134,11 @@ def run_smc(
     or exactly ``max_new_tokens`` ids without one), which makes this a conditional SMC run
     with row 0 of each prompt clamped to it (module docstring)."""
     proposal = proposal or LMProposal()
-    twist = twist or NoTwist()
+    twist = effective_twist(
+        twist or NoTwist(),
+        resamples=cfg.ess_threshold > 0,
+        proposal_reads_scores=proposal.uses_twist_scores,
+    )
     B, P = prompts.input_ids.shape
     N, T = cfg.num_particles, cfg.max_new_tokens
     _check_length(model, P, T)
