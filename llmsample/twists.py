@@ -162,8 +162,8 @@ def effective_twist(twist: Twist, *, resamples: bool, proposal_reads_scores: boo
     to each weight, and a row that completes swaps its last log psi for log phi: the psi
     terms telescope away, so every particle and every final weight is the same (up to float
     rounding) without them, while each step's prefix scoring is wasted work (a model pass
-    per step for ``SuffixLikelihood(as_twist=True)``). Only the per-step ESS trace differs:
-    it then follows the untwisted weights."""
+    per step for ``SuffixLikelihood(as_twist=True)``). Only the per-step ESS trace (it then
+    follows the untwisted weights) and the forward-token count (that pass is gone) differ."""
     if resamples or proposal_reads_scores:
         return twist
     return NoTwist()
