@@ -210,7 +210,10 @@ def _ci(r: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
 def _log_z(r: dict) -> str:
     if r.get("log_z_mean") is None:
         return "–"
-    return f"{r['log_z_mean']:.2f} ({_fmt(r.get('log_z_std'))})"
+    lost = r.get("log_z_dead") or 0  # runs (prompt x seed) where every particle died
+    return f"{r['log_z_mean']:.2f} ({_fmt(r.get('log_z_std'))})" + (
+        f", {lost} lost" if lost else ""
+    )
 
 
 # the table columns after "method | knob": (header, cell of a summary row)
@@ -277,7 +280,9 @@ def _intro(meta: dict) -> tuple[str, str]:
             "each prompt's draws: self-BLEU, distinct-2, embedding diversity (1 - mean cosine, "
             "MiniLM), unique = distinct draws / draws. Fluency: mean log p per token under the "
             "base model given the prompt. 1-sent: % of draws that are exactly one sentence. "
-            "log Z: mean over the prompts where some particle survived. Distinct particles / "
+            "log Z (std): mean over the runs (prompt x seed) where some particle survived, "
+            "and the std over seeds per prompt, averaged; 'k lost': runs where every particle "
+            "died, left out of both. Distinct particles / "
             "draws: distinct texts per prompt. `*` marks the Pareto front of ROUGE-L vs "
             "(100 - self-BLEU)."
         )

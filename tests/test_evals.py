@@ -112,3 +112,20 @@ def test_artifacts_sit_apart_from_the_code(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="use evals/artifacts/twists$"):
         paths.refuse_old(evals / "twists")
     assert not (evals / "results").exists()  # nothing was written there
+
+
+def test_log_z_column_counts_the_runs_that_lost_every_particle():
+    """Per prompt: mean and std over the seeds where a particle survived; the runs where
+    none did are left out and counted in the table cell."""
+    inf = float("inf")
+    seeds = [
+        dict(log_z=[-1.0, -inf], bleu_signature="s"),
+        dict(log_z=[-3.0, -2.0], bleu_signature="s"),
+    ]
+    row = report._aggregate("smc", "N=4", seeds)
+    assert row["log_z_mean"] == pytest.approx((-2.0 + -2.0) / 2)  # prompt 1 has one seed left
+    assert row["log_z_std"] == pytest.approx(1.0)  # only prompt 0 has two seeds: std 1
+    assert row["log_z_dead"] == 1
+    assert report._log_z(row) == "-2.00 (1.00), 1 lost"
+    seeds[0]["log_z"][1] = -2.0
+    assert report._log_z(report._aggregate("smc", "N=4", seeds)).endswith(")")
