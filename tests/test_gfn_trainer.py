@@ -14,7 +14,7 @@ import torch
 from conftest import GFN_PHI as PHI
 from conftest import GFN_PROMPT as PROMPT
 from conftest import GFN_T as T
-from conftest import gfn_config
+from conftest import GFN_TARGETS, gfn_config
 
 from llmsample.diagnostics.exact import TOY_EOS, enumerate_target, toy_model, toy_tokenizer
 from llmsample.gfn import GFNConfig, GFNTrainer, ReplayBuffer, add_lora, sample_rollouts
@@ -139,6 +139,7 @@ def test_refuses_bad_input(tmp_path):
         (dict(temperature_min=0.0), "temperature_min"),
         (dict(steps=0), "steps"),
         (dict(mixed_precision="fp8"), "mixed_precision"),
+        (dict(rollout_dtype="int8"), "rollout_dtype"),
         (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
         (dict(max_grad_norm=float("nan")), "max_grad_norm must be >= 0"),
         (dict(max_minutes=-1.0), "max_minutes must be >= 0"),
@@ -254,3 +255,66 @@ def test_activation_checkpointing_trains_the_same_policy(tmp_path):
     assert moved > 1e-3  # five steps changed the adapter (lora_B starts at zero)
     for n, p in trained[0].items():
         torch.testing.assert_close(trained[1][n], p, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_merged_copy_gives_the_policys_logits_and_follows_its_updates(tmp_path, arch):
+    """The rollout copy: LoRA merged into its own weights (a tied lm_head LoRA leaves the
+    input embedding alone), the trained norm copied, and resynced after each update."""
+    from llmsample.hf.adapters import MergedCopy
+
+    norm = {"gpt2": "ln_f", "llama": "norm"}[arch]
+    targets = {"gpt2": GFN_TARGETS, "llama": ["q_proj", "v_proj", "down_proj", "lm_head"]}[arch]
+    cfg = gfn_config(tmp_path, target_modules=targets, modules_to_save=[norm])
+    policy = add_lora(toy_model(arch), cfg)
+    emb = policy.get_input_embeddings().weight.detach().clone()
+    tied = policy.get_output_embeddings().base_layer.weight is policy.get_input_embeddings().weight
+    assert tied == (arch == "gpt2")  # the toy GPT-2 ties lm_head to the input embedding
+    vocab = policy.config.vocab_size
+    ids = torch.arange(12).view(2, 6) % vocab
+
+    def perturb(seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in policy.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+
+    perturb(0)
+    exact, low = MergedCopy(policy, torch.float32), MergedCopy(policy, torch.bfloat16)
+    assert len(exact.lora) >= 4 and len(exact.saved) >= 1
+    torch.testing.assert_close(logits(exact.model), logits(policy), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(exact.model.get_input_embeddings().weight, emb)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in low.model.parameters())
+    gap = (logits(low.model) - logits(policy)).abs().max()
+    assert 0 < gap < 0.1 * logits(policy).abs().max()  # rounded, not another model
+
+    perturb(1)  # an update: the copies are stale until synced
+    assert not torch.allclose(logits(exact.model), logits(policy), atol=1e-3)
+    exact.sync()
+    torch.testing.assert_close(logits(exact.model), logits(policy), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(exact.model.get_input_embeddings().weight, emb)
+
+
+def test_low_precision_rollouts_still_train_the_exact_task(tmp_path, gfn_target):
+    """rollout_dtype=bfloat16: sampled by a bf16 merged copy, scored under the fp32
+    policy; the exact KL still falls as with on-policy rollouts."""
+    tok = toy_tokenizer(with_pad=True)
+    cfg = gfn_config(tmp_path, loss="vargrad", rollout_dtype="bfloat16")
+    policy = add_lora(toy_model("gpt2"), cfg)
+    before = _kl(policy, tok, gfn_target)
+    trainer = GFNTrainer(policy, tok, [PROMPT], PHI, cfg, stop_ids=[TOY_EOS])
+    trainer.train()
+    after = _kl(policy, tok, gfn_target)
+    assert after < before / 5, (before, after)
+    assert {p.dtype for p in trainer.rollout.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    trainer.rollout.sync()  # the copy holds the trained adapter, rounded
+    name, src = next((n, m) for n, m in policy.named_modules() if n.endswith("c_attn"))
+    dst = dict(trainer.rollout.model.named_modules())[name.removeprefix("base_model.model.")]
+    merged = src.get_base_layer().weight + src.get_delta_weight("default")
+    torch.testing.assert_close(dst.weight.float(), merged, rtol=1e-2, atol=1e-2)

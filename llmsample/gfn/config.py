@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from llmsample.config import help_field
 from llmsample.train.config import TrainConfig
 
-__all__ = ["GFNConfig", "LOSSES"]
+__all__ = ["GFNConfig", "LOSSES", "ROLLOUT_DTYPES"]
 
 LOSSES = ("tb", "vargrad", "subtb")
+ROLLOUT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -63,6 +64,13 @@ class GFNConfig(TrainConfig):
         "recompute each decoder layer in the backward of the scoring pass instead of keeping "
         "its activations (same log q and gradients; less memory, one more forward)",
         False,
+    )
+    rollout_dtype: str = help_field(
+        "float32: sample the fresh rollouts with the policy itself; bfloat16 | float16: with "
+        "a frozen copy of it in that dtype, its LoRA synced each step (faster cached decoding "
+        "on CPUs with bf16 matmuls; the losses still score every row under the policy, so "
+        "only which sequences are explored changes, and the losses stay exact off-policy)",
+        "float32",
     )
     # LoRA
     lora_rank: int = help_field("LoRA rank r", 8)
@@ -117,6 +125,10 @@ class GFNConfig(TrainConfig):
             raise ValueError("replay_fraction must be < 1: some samples must be fresh")
         if not 0 < self.subtb_lambda:
             raise ValueError(f"subtb_lambda must be > 0, got {self.subtb_lambda}")
+        if self.rollout_dtype not in ROLLOUT_DTYPES:
+            raise ValueError(
+                f"rollout_dtype must be one of {ROLLOUT_DTYPES}, got {self.rollout_dtype!r}"
+            )
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(
                 f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"

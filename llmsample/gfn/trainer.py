@@ -8,7 +8,9 @@ One optimizer step, per micro-batch (``gradient_accumulation_steps`` of them):
 
 1. **Pick prompts** (``prompts_per_step``) and **explore**: K - K_r fresh rollouts per
    prompt from the policy with the KV cache and no autograd (on-policy, or at a random
-   temperature on ``tempered_fraction`` of steps; epsilon-uniform mixing on top), plus
+   temperature on ``tempered_fraction`` of steps; epsilon-uniform mixing on top; with
+   ``rollout_dtype`` bfloat16 from a frozen bf16 copy of the policy with the LoRA merged
+   in, synced each step), plus
    K_r = ``replay_fraction`` K sequences from the reward-prioritized replay buffer
    (``demonstrations``, e.g. human replies, seed it: drawn first, each once, then
    replayed by reward like the rest; every loss here is valid off-policy).
@@ -58,7 +60,7 @@ from llmsample.gfn.rollout import (
     rollouts_from_sequences,
     sample_rollouts,
 )
-from llmsample.hf.adapters import is_peft, lora_model
+from llmsample.hf.adapters import MergedCopy, is_peft, lora_model
 from llmsample.hf.checkpointing import checkpointed_layers
 from llmsample.hf.prompts import PromptBatch, encode_prompts
 from llmsample.hf.session import teacher_force
@@ -168,9 +170,15 @@ class GFNTrainer(Trainer):
         self.opt = torch.optim.AdamW(groups)
         warm = max(cfg.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+        # copied before accelerate wraps the policy's forward (an autocast wrapper would
+        # follow it into the copy); holds the frozen base weights again, at rollout_dtype
+        low = cfg.rollout_dtype != "float32"
+        self.rollout = MergedCopy(policy, getattr(torch, cfg.rollout_dtype)) if low else None
         self.policy, self.log_z, self.opt, self.sched = self.acc.prepare(
             policy, self.log_z, self.opt, sched
         )
+        if self.rollout is not None:
+            self.rollout.model.to(self.acc.device)
         self.policy.eval()  # no dropout, ever: every loss needs the exact log q of the policy
         self.replay = ReplayBuffer(cfg.replay_capacity)
         self.num_demonstrations = self._seed_replay(demonstrations or [])
@@ -217,6 +225,9 @@ class GFNTrainer(Trainer):
             u = float(torch.rand((), generator=self.gen))
             temp = cfg.temperature_min + u * (cfg.temperature_max - cfg.temperature_min)
         model = self.acc.unwrap_model(self.policy)
+        if self.rollout is not None:
+            self.rollout.sync()
+            model = self.rollout.model
         fresh = sample_rollouts(
             model,
             prompts,

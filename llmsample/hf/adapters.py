@@ -4,16 +4,18 @@ is_peft(model)                  # a peft PeftModel?
 off = adapter_off(policy)       # context-manager factory: policy.disable_adapter()
 shares_base(policy, model)      # does calling `model` run through policy's LoRA layers?
 BaseView(policy)                # the base model as a module: adapter off on every call
+copy = MergedCopy(policy, dtype)  # a frozen plain copy, LoRA merged in; copy.sync() per update
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["is_peft", "adapter_off", "shares_base", "BaseView", "lora_model"]
+__all__ = ["is_peft", "adapter_off", "shares_base", "BaseView", "MergedCopy", "lora_model"]
 
 
 def is_peft(model) -> bool:
@@ -84,6 +86,58 @@ class BaseView(torch.nn.Module):
         """The policy's output head (``teacher_force`` checks that, called outside this
         view, it gives the view's logits: not so when the adapter covers the head)."""
         return self.policy.get_output_embeddings()
+
+
+class MergedCopy:
+    """A frozen, plain (peft-free) copy of a peft ``policy`` in ``dtype``, its LoRA merged
+    into the weights: for sampling only, with no LoRA matmuls per call.
+
+        rollout = MergedCopy(policy, torch.bfloat16)  # before accelerate wraps the policy
+        rollout.sync()                                 # after each update, before sampling
+        out = rollout.model(input_ids)
+
+    ``sync`` writes ``W0 + delta`` of every LoRA layer, computed in the policy's precision
+    and then rounded to ``dtype``, and copies the ``modules_to_save`` weights; the other
+    weights are cast once. A LoRA-adapted weight gets its own tensor in the copy, so a tied
+    output embedding with a LoRA leaves the copy's input embedding as it was. The copy
+    samples a rounded policy: train on its samples as off-policy ones.
+    """
+
+    def __init__(self, policy, dtype: torch.dtype):
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+
+        if not is_peft(policy):
+            raise TypeError("MergedCopy needs a peft model")
+        if not dtype.is_floating_point:
+            raise ValueError(f"a merged copy needs a floating dtype, got {dtype}")
+        self.model = copy.deepcopy(policy).unload().to(dtype).eval().requires_grad_(False)
+        own = dict(self.model.named_modules())
+        self.lora, self.saved = [], []  # [(policy's layer, copy's module)]
+        for name, mod in policy.base_model.model.named_modules():
+            if isinstance(mod, LoraLayer) and name in own:
+                if any(mod.use_dora.values()):
+                    raise ValueError(f"{name}: DoRA layers cannot be merged by MergedCopy")
+                dst = own[name]
+                dst.weight = torch.nn.Parameter(dst.weight.detach().clone(), requires_grad=False)
+                self.lora.append((mod, dst))
+            elif isinstance(mod, ModulesToSaveWrapper) and name in own:
+                self.saved.append((mod, own[name]))
+        self.sync()
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the policy's current adapter into the copy."""
+        for src, dst in self.lora:
+            weight = src.get_base_layer().weight
+            for name in src.active_adapters:
+                if name in src.lora_A:
+                    weight = weight + src.get_delta_weight(name)
+            dst.weight.copy_(weight)
+        for src, dst in self.saved:
+            trained = src.modules_to_save[src.active_adapters[0]]
+            for p, q in zip(trained.parameters(), dst.parameters(), strict=True):
+                q.copy_(p)
 
 
 def lora_model(
