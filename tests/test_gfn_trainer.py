@@ -318,3 +318,20 @@ def test_low_precision_rollouts_still_train_the_exact_task(tmp_path, gfn_target)
     dst = dict(trainer.rollout.model.named_modules())[name.removeprefix("base_model.model.")]
     merged = src.get_base_layer().weight + src.get_delta_weight("default")
     torch.testing.assert_close(dst.weight.float(), merged, rtol=1e-2, atol=1e-2)
+
+
+def test_merged_copy_refuses_what_it_cannot_merge(tmp_path):
+    from llmsample.hf.adapters import MergedCopy
+
+    with pytest.raises(TypeError, match="peft model"):
+        MergedCopy(toy_model("gpt2"), torch.bfloat16)
+    embedding = add_lora(toy_model("gpt2"), gfn_config(tmp_path, target_modules=["wte", "c_fc"]))
+    with pytest.raises(ValueError, match="plain LoRA on linear layers, not Embedding"):
+        MergedCopy(embedding, torch.bfloat16)
+    policy = add_lora(toy_model("gpt2"), gfn_config(tmp_path))
+    with pytest.raises(ValueError, match="floating dtype"):
+        MergedCopy(policy, torch.int8)
+    rollout = MergedCopy(policy, torch.bfloat16)
+    policy.merge_adapter()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        rollout.sync()

@@ -104,6 +104,7 @@ class MergedCopy:
     """
 
     def __init__(self, policy, dtype: torch.dtype):
+        from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
         from peft.utils import ModulesToSaveWrapper
 
@@ -116,8 +117,11 @@ class MergedCopy:
         self.lora, self.saved = [], []  # [(policy's layer, copy's module)]
         for name, mod in policy.base_model.model.named_modules():
             if isinstance(mod, LoraLayer) and name in own:
-                if any(mod.use_dora.values()):
-                    raise ValueError(f"{name}: DoRA layers cannot be merged by MergedCopy")
+                if not isinstance(mod, LoraLinear) or any(mod.use_dora.values()):
+                    raise ValueError(
+                        f"{name}: MergedCopy merges plain LoRA on linear layers, not "
+                        f"{type(mod).__name__}{' with DoRA' if any(mod.use_dora.values()) else ''}"
+                    )
                 dst = own[name]
                 dst.weight = torch.nn.Parameter(dst.weight.detach().clone(), requires_grad=False)
                 self.lora.append((mod, dst))
@@ -129,6 +133,8 @@ class MergedCopy:
     def sync(self) -> None:
         """Copy the policy's current adapter into the copy."""
         for src, dst in self.lora:
+            if src.merged:
+                raise RuntimeError("the policy's adapter is merged into it; unmerge it first")
             weight = src.get_base_layer().weight
             for name in src.active_adapters:
                 if name in src.lora_A:
