@@ -67,7 +67,8 @@ class GFNConfig(TrainConfig):
     )
     rollout_dtype: str = help_field(
         "float32: sample the fresh rollouts with the policy itself; bfloat16 | float16: with "
-        "a frozen copy of it in that dtype, its LoRA synced each step (faster cached decoding "
+        "a frozen copy of it in that dtype, its LoRA merged in and synced each step (faster "
+        "cached decoding "
         "on CPUs with bf16 matmuls; the losses still score every row under the policy, so "
         "only which sequences are explored changes, and the losses stay exact off-policy)",
         "float32",
@@ -80,7 +81,8 @@ class GFNConfig(TrainConfig):
     )
     modules_to_save: list[str] = help_field(
         "small modules trained in full beside the LoRA (e.g. the final norm: ['ln_f'] for "
-        "GPT-2, ['norm'] for Llama); saved with the adapter",
+        "GPT-2, ['model.norm'] for Llama: peft matches name suffixes, so ['norm'] would also "
+        "train every layer's input_layernorm and post_attention_layernorm); saved with the adapter",
         [],
     )
     # exploration
