@@ -300,11 +300,15 @@ def test_merged_copy_gives_the_policys_logits_and_follows_its_updates(tmp_path, 
     torch.testing.assert_close(exact.model.get_input_embeddings().weight, emb)
 
 
-def test_low_precision_rollouts_still_train_the_exact_task(tmp_path, gfn_target):
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_low_precision_rollouts_still_train_the_exact_task(tmp_path, gfn_target, mixed_precision):
     """rollout_dtype=bfloat16: sampled by a bf16 merged copy, scored under the fp32
-    policy; the exact KL still falls as with on-policy rollouts."""
+    policy (or under bf16 autocast, as the CommonGen config does); the exact KL still
+    falls as with on-policy fp32 steps."""
     tok = toy_tokenizer(with_pad=True)
-    cfg = gfn_config(tmp_path, loss="vargrad", rollout_dtype="bfloat16")
+    cfg = gfn_config(
+        tmp_path, loss="vargrad", rollout_dtype="bfloat16", mixed_precision=mixed_precision
+    )
     policy = add_lora(toy_model("gpt2"), cfg)
     before = _kl(policy, tok, gfn_target)
     trainer = GFNTrainer(policy, tok, [PROMPT], PHI, cfg, stop_ids=[TOY_EOS])
